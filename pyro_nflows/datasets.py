@@ -1,0 +1,526 @@
+"""Built-in datasets for density estimation, and loaders for your own files.
+
+Nothing here touches the network: the 2-D toys are generated on the spot and
+``digits`` ships inside scikit-learn.
+
+2-D toys (the benchmarks of the FFJORD and neural-spline-flow papers). Each is
+``name(n, seed=None, dtype=torch.float32)`` and returns an ``(n, 2)`` tensor of
+independent draws from a fixed density (``two_moons``: nearly, see its
+docstring) that lives roughly in ``[-4, 4]^2``:
+
+- ``two_moons``: two interleaved half circles (scikit-learn's ``make_moons``);
+- ``circles``: two concentric noisy circles of radius 1.5 and 3;
+- ``eight_gaussians``: eight Gaussian blobs evenly spaced on a circle;
+- ``pinwheel``: five curved arms spiralling out from the origin;
+- ``two_spirals``: two interleaved spiral arms, one the other turned by 180°;
+- ``checkerboard``: uniform on the 8 "on" squares of a 4 x 4 board on [-4, 4]^2
+  (exactly 5 bits of differential entropy);
+- ``rings``: four concentric noisy circles of radius 0.75, 1.5, 2.25 and 3.
+
+A real dataset: ``digits()`` -- scikit-learn's 8 x 8 handwritten digits, 1797
+rows of 64 dequantized pixel values.
+
+Your own data: ``load_array(path)`` reads a ``.csv`` or ``.npy`` file into an
+``(n, d)`` float tensor, refusing (with a ``ValueError`` naming the file and the
+fault) anything it would otherwise have to guess about.
+
+By name: ``DATASETS`` maps every generated set to its function and
+``load_dataset(name, n, seed)`` calls it; ``split(data)`` cuts any tensor into
+seeded train / validation / test parts.
+
+Randomness: every generator, and ``split``, takes ``seed``. The same seed gives the same
+tensor; ``seed=None`` draws fresh randomness each call. Values are generated in
+float64 and rounded to ``dtype`` at the end, so the float32 and float64
+versions of a seeded dataset are the same points up to rounding.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_nflows.validation import check_count
+
+__all__ = [
+    "CHECKERBOARD_ENTROPY_BITS",
+    "DATASETS",
+    "DEFAULT_N",
+    "checkerboard",
+    "circles",
+    "digits",
+    "eight_gaussians",
+    "load_array",
+    "load_dataset",
+    "pinwheel",
+    "rings",
+    "split",
+    "two_moons",
+    "two_spirals",
+]
+
+#: Number of points ``load_dataset`` draws from a 2-D toy when ``n`` is None.
+DEFAULT_N = 10_000
+
+#: Exact differential entropy of ``checkerboard`` in bits: the density is
+#: uniform on a region of area 32, so the entropy is log2(32) = 5.
+CHECKERBOARD_ENTROPY_BITS = 5.0
+
+# Number of rows in scikit-learn's digits dataset.
+_DIGITS_ROWS = 1797
+
+_FLOAT64 = torch.float64
+
+
+# --------------------------------------------------------------------------
+# Argument checks and randomness shared by every generator
+# --------------------------------------------------------------------------
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``, or from fresh entropy if None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+        return generator
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be None or an integer, got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def _check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _normal(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=_FLOAT64)
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Draws from U[0, 1)."""
+    return torch.rand(shape, generator=generator, dtype=_FLOAT64)
+
+
+def _choice(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` independent labels drawn uniformly from ``0, ..., count - 1``."""
+    return torch.randint(count, (n,), generator=generator)
+
+
+def _on_circle(radius: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
+
+
+# --------------------------------------------------------------------------
+# 2-D toys
+# --------------------------------------------------------------------------
+
+
+def two_moons(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Two interleaved half circles: scikit-learn's ``make_moons`` with noise 0.05,
+    centred on the origin and doubled in size (so the noise std is 0.1 and the
+    points lie in about [-3, 3] x [-1.6, 1.6]).
+
+    Unlike the other toys the two moons get ``n // 2`` and ``n - n // 2`` points
+    exactly, at evenly spaced angles (that is how ``make_moons`` works) before the
+    noise; the rows come shuffled.
+    """
+    from sklearn.datasets import make_moons  # imported here: sklearn is slow to import
+
+    check_count("n", n)
+    dtype = _check_dtype(dtype)
+    generator = _generator(seed)
+    random_state = int(torch.randint(2**31 - 1, (), generator=generator))
+    points, _ = make_moons(n_samples=n, noise=0.05, shuffle=True, random_state=random_state)
+    # make_moons spans [-1, 2] x [-0.5, 1]; centre it and double it.
+    points = (points - np.array([0.5, 0.25])) * 2.0
+    return torch.as_tensor(points, dtype=_FLOAT64).to(dtype)
+
+
+def circles(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Two concentric circles of radius 1.5 and 3, each point on either with
+    probability 1/2, uniform in angle, with isotropic Gaussian noise of std 0.1."""
+    return _noisy_rings(n, seed, dtype, radii=(1.5, 3.0), noise=0.1)
+
+
+def rings(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Four concentric circles of radius 0.75, 1.5, 2.25 and 3, each point on any
+    of them with probability 1/4, uniform in angle, with isotropic Gaussian noise
+    of std 0.08."""
+    return _noisy_rings(n, seed, dtype, radii=(0.75, 1.5, 2.25, 3.0), noise=0.08)
+
+
+def _noisy_rings(
+    n: int, seed: int | None, dtype: torch.dtype, radii: Sequence[float], noise: float
+) -> torch.Tensor:
+    check_count("n", n)
+    dtype = _check_dtype(dtype)
+    generator = _generator(seed)
+    radius = torch.tensor(radii, dtype=_FLOAT64)[_choice(len(radii), n, generator)]
+    angle = 2 * math.pi * _uniform((n,), generator)
+    points = _on_circle(radius, angle) + noise * _normal((n, 2), generator)
+    return points.to(dtype)
+
+
+def eight_gaussians(
+    n: int, seed: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """An equal mixture of eight isotropic Gaussians of std sqrt(2)/4 ≈ 0.354,
+    centred at the angles 0, 45, ..., 315 degrees on the circle of radius
+    2 sqrt(2) ≈ 2.83."""
+    check_count("n", n)
+    dtype = _check_dtype(dtype)
+    generator = _generator(seed)
+    angle = _choice(8, n, generator).to(_FLOAT64) * (math.pi / 4)
+    centres = _on_circle(torch.full((n,), 2 * math.sqrt(2), dtype=_FLOAT64), angle)
+    points = centres + (math.sqrt(2) / 4) * _normal((n, 2), generator)
+    return points.to(dtype)
+
+
+def pinwheel(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Five curved arms (the pinwheel of Johnson et al., 2016).
+
+    Each point picks an arm k uniformly, draws a radial coordinate r ~ N(1, 0.3²)
+    and a tangential one t ~ N(0, 0.1²), and the vector (r, t) is turned by the
+    angle 2πk/5 + 0.25 exp(r) -- points further out are turned further, which
+    bends the arms -- and doubled in size.
+    """
+    check_count("n", n)
+    dtype = _check_dtype(dtype)
+    generator = _generator(seed)
+    arms, radial_std, tangential_std, rate = 5, 0.3, 0.1, 0.25
+    arm = _choice(arms, n, generator).to(_FLOAT64)
+    noise = _normal((n, 2), generator)
+    r = 1.0 + radial_std * noise[:, 0]
+    t = tangential_std * noise[:, 1]
+    angle = 2 * math.pi * arm / arms + rate * torch.exp(r)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    points = torch.stack([cos * r - sin * t, sin * r + cos * t], dim=-1)
+    return (2.0 * points).to(dtype)
+
+
+def two_spirals(
+    n: int, seed: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Two interleaved spiral arms with Gaussian noise of std 0.15.
+
+    Along an arm the angle t runs over [0, 3π] (one and a half turns) with the
+    radius growing as t / 3; t is drawn as 3π sqrt(u), u ~ U(0, 1), so that the
+    points are spread evenly along the arm's length. Each point is on the first
+    arm or, turned by 180 degrees, on the second, with probability 1/2.
+    """
+    check_count("n", n)
+    dtype = _check_dtype(dtype)
+    generator = _generator(seed)
+    t = 3 * math.pi * torch.sqrt(_uniform((n,), generator))
+    side = 2.0 * _choice(2, n, generator).to(_FLOAT64) - 1.0  # +1 or -1
+    arm = torch.stack([-t * torch.cos(t), t * torch.sin(t)], dim=-1) / 3
+    points = side[:, None] * arm + 0.15 * _normal((n, 2), generator)
+    return points.to(dtype)
+
+
+def checkerboard(
+    n: int, seed: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform on the 8 "on" squares of a 4 x 4 checkerboard covering [-4, 4]^2.
+
+    The board is cut into 16 squares of side 2; square (i, j), with
+    i = floor(x1 / 2) and j = floor(x2 / 2) in {-2, -1, 0, 1}, is "on" when
+    i + j is even. The density is exactly 1/32 on the on squares (total area
+    8 x 4 = 32) and 0 elsewhere, so its differential entropy is exactly
+    log2(32) = 5 bits (= ln 32 ≈ 3.466 nats); benchmarks rely on this, see
+    ``CHECKERBOARD_ENTROPY_BITS``.
+
+    Every point lies in a half-open square [a, a + 2) x [b, b + 2) of an on
+    square, also after rounding to ``dtype``.
+    """
+    check_count("n", n)
+    dtype = _check_dtype(dtype)
+    generator = _generator(seed)
+    # The 8 on squares, by the lower-left corner (2i, 2j) with i + j even.
+    corners = torch.tensor(
+        [[2 * i, 2 * j] for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0],
+        dtype=_FLOAT64,
+    )
+    lower = corners[_choice(len(corners), n, generator)]
+    points = (lower + 2.0 * _uniform((n, 2), generator)).to(dtype)
+    # Rounding to dtype can push a point from just below a square's upper edge
+    # onto the edge, i.e. into the neighbouring off square: pull it back.
+    upper = (lower + 2.0).to(dtype)
+    return torch.minimum(points, torch.nextafter(upper, torch.full_like(upper, -math.inf)))
+
+
+# --------------------------------------------------------------------------
+# A small real dataset
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_counts() -> np.ndarray:
+    """scikit-learn's digits as a read-only (1797, 64) array of counts, read once."""
+    from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
+
+    counts = load_digits().data
+    counts.setflags(write=False)
+    return counts
+
+
+def digits(
+    seed: int | None = None, dtype: torch.dtype = torch.float32, *, n: int | None = None
+) -> torch.Tensor:
+    """scikit-learn's handwritten digits, uniformly dequantized: a (1797, 64) tensor.
+
+    Units: each row is an 8 x 8 image flattened row by row. A pixel of the
+    original data is an integer count in 0..16 (the number of ink pixels in a
+    4 x 4 block of a 32 x 32 bitmap); here U[0, 1) noise is added to it, so
+    values lie in [0, 17) and ``floor(x)`` gives back the original counts.
+    A density fitted to these values is a density on counts; a log-likelihood
+    per dimension of L nats bounds the discrete data's cost from above:
+    at most -L / ln 2 bits per pixel (uniform dequantization, Theis et al. 2016).
+
+    ``n`` (keyword only): take n rows drawn at random without replacement
+    (seeded by ``seed``) instead of all 1797 in their original order.
+    """
+    dtype = _check_dtype(dtype)
+    if n is not None:
+        check_count("n", n)
+        if n > _DIGITS_ROWS:
+            raise ValueError(f"digits has {_DIGITS_ROWS} rows; cannot take n={n}")
+    generator = _generator(seed)
+    counts = torch.tensor(_digit_counts(), dtype=_FLOAT64)  # a fresh, writable copy
+    if n is not None:
+        counts = counts[torch.randperm(_DIGITS_ROWS, generator=generator)[:n]]
+    values = (counts + _uniform(tuple(counts.shape), generator)).to(dtype)
+    # Rounding to dtype may turn c + 0.99999... into c + 1: keep floor(x) == c.
+    upper = (counts + 1.0).to(dtype)
+    return torch.minimum(values, torch.nextafter(upper, torch.zeros_like(upper)))
+
+
+# --------------------------------------------------------------------------
+# Loading your own files
+# --------------------------------------------------------------------------
+
+
+def load_array(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Read a ``.csv`` or ``.npy`` file into a float tensor of shape (n, d).
+
+    One row per data point; 1-D data (a single CSV column or a 1-D array)
+    becomes (n, 1).
+
+    CSV: comma-separated numbers. A first row in which no cell is a number is
+    taken as a header and skipped (it must have as many cells as the data
+    rows). Empty lines are skipped; everything else must be a number.
+
+    NPY: a 1-D or 2-D array of numbers (booleans, integers or floats),
+    read without unpickling.
+
+    Raises ``ValueError``, naming the file and the fault, for an unknown
+    extension, an empty file or one without data rows, a cell that is not a
+    number (with its row and column, counted from 1 as in a spreadsheet), rows
+    of different lengths, an array with 0 or more than 2 dimensions, a
+    non-numeric array, and NaN or infinite values. Nothing is dropped silently.
+    """
+    dtype = _check_dtype(dtype)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".npy"):
+        raise ValueError(
+            f"'{path}': unknown file extension {suffix or '(none)'!r}; "
+            "load_array reads .csv and .npy files"
+        )
+    if path.stat().st_size == 0:  # a missing file raises FileNotFoundError here
+        raise ValueError(f"'{path}' is empty")
+    array = _read_csv(path) if suffix == ".csv" else _read_npy(path)
+    return torch.as_tensor(array, dtype=_FLOAT64).to(dtype)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    # (line number, cells) for every line that is not blank.
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        rows = [
+            (reader.line_num, row)
+            for row in reader
+            if not (len(row) == 0 or (len(row) == 1 and not row[0].strip()))
+        ]
+    header = None
+    if rows and not any(_is_number(cell) for cell in rows[0][1]):
+        header, rows = rows[0], rows[1:]
+    if not rows:
+        raise ValueError(f"'{path}' has no data rows" + (" (only a header)" if header else ""))
+
+    first_line, first_row = rows[0]
+    width = len(first_row)
+    if header is not None and len(header[1]) != width:
+        raise ValueError(
+            f"'{path}': the header (row {header[0]}) has {len(header[1])} names "
+            f"but row {first_line} has {width} values"
+        )
+    values = np.empty((len(rows), width), dtype=np.float64)
+    for index, (line, row) in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(
+                f"'{path}': row {line} has {len(row)} values but row {first_line} has {width}"
+            )
+        for column, cell in enumerate(row, start=1):
+            try:
+                values[index, column - 1] = float(cell)
+            except ValueError:
+                hint = ""
+                if any(separator in cell.strip() for separator in (";", "\t", " ")):
+                    hint = " (values must be separated by commas)"
+                raise ValueError(
+                    f"'{path}': row {line}, column {column}: "
+                    f"cannot read {cell!r} as a number{hint}"
+                ) from None
+            if not math.isfinite(values[index, column - 1]):
+                raise ValueError(
+                    f"'{path}': row {line}, column {column}: {cell!r} is not a finite number"
+                )
+    return values
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"'{path}' is not a readable .npy array: {error}") from error
+    if not isinstance(array, np.ndarray):  # e.g. an .npz archive renamed to .npy
+        raise ValueError(f"'{path}' is not a .npy array (it holds a {type(array).__name__})")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"'{path}' holds an array of dtype {array.dtype}; expected booleans, "
+            "integers or floats"
+        )
+    if array.ndim == 1:
+        array = array.reshape(-1, 1)
+    if array.ndim != 2:
+        raise ValueError(
+            f"'{path}' holds a {array.ndim}-D array of shape {array.shape}; "
+            "expected a 1-D array (n,) or a 2-D array (n, d)"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"'{path}' holds an array of shape {array.shape}, which has no data")
+    array = np.asarray(array, dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(array))
+    if len(bad):
+        row, column = bad[0]
+        raise ValueError(
+            f"'{path}': {len(bad)} NaN or infinite value(s), the first at index "
+            f"[{row}, {column}]"
+        )
+    return array
+
+
+# --------------------------------------------------------------------------
+# By name, and splitting
+# --------------------------------------------------------------------------
+
+#: Every generated dataset by name. The 2-D toys take ``(n, seed, dtype)``;
+#: ``digits`` takes ``(seed, dtype, *, n=None)``. Prefer ``load_dataset``.
+DATASETS: dict[str, Callable[..., torch.Tensor]] = {
+    "two_moons": two_moons,
+    "circles": circles,
+    "eight_gaussians": eight_gaussians,
+    "pinwheel": pinwheel,
+    "two_spirals": two_spirals,
+    "checkerboard": checkerboard,
+    "rings": rings,
+    "digits": digits,
+}
+
+# Datasets with a fixed number of rows, for which n=None means "all of them".
+_FIXED_SIZE = {"digits"}
+
+
+def load_dataset(
+    name: str,
+    n: int | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dataset called ``name`` in ``DATASETS``, as an (n, d) tensor.
+
+    For a 2-D toy, ``n`` points (``DEFAULT_N`` = 10,000 when None). For
+    ``digits``, all 1797 rows when ``n`` is None, otherwise ``n`` rows drawn
+    at random without replacement (an error if n > 1797).
+    """
+    if not isinstance(name, str) or name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {known}")
+    function = DATASETS[name]
+    if name in _FIXED_SIZE:
+        return function(seed=seed, dtype=dtype, n=n)
+    return function(DEFAULT_N if n is None else n, seed=seed, dtype=dtype)
+
+
+_PART_NAMES = {3: ("train", "validation", "test"), 2: ("train", "test")}
+
+
+def split(
+    data: torch.Tensor,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Shuffle the rows of ``data`` (seeded by ``seed``) and cut them into parts.
+
+    With the default fractions the parts are (train, validation, test). Part
+    sizes are the fractions of ``len(data)`` rounded so that they add up to it
+    exactly (largest remainders get the spare rows); every row lands in exactly
+    one part. Raises ``ValueError`` unless the fractions are positive and sum
+    to 1 and every part gets at least one row.
+    """
+    if not isinstance(data, torch.Tensor) or data.dim() == 0:
+        raise ValueError(
+            "split expects a torch.Tensor with at least one dimension, got "
+            + ("a 0-D tensor" if isinstance(data, torch.Tensor) else type(data).__name__)
+        )
+    fractions = tuple(fractions)
+    if not fractions:
+        raise ValueError("split needs at least one fraction")
+    for fraction in fractions:
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, numbers.Real)
+            or not math.isfinite(fraction)
+            or fraction <= 0
+        ):
+            raise ValueError(f"split fractions must be positive numbers, got {fractions}")
+    total = math.fsum(fractions)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {fractions} (sum {total:g})")
+
+    rows = len(data)
+    exact = [fraction / total * rows for fraction in fractions]
+    sizes = [math.floor(size) for size in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])
+    for i in by_remainder[: rows - sum(sizes)]:
+        sizes[i] += 1
+    names = _PART_NAMES.get(len(fractions), [f"part {i}" for i in range(len(fractions))])
+    for name, size in zip(names, sizes):
+        if size == 0:
+            raise ValueError(
+                f"split of {rows} rows with fractions {fractions} leaves the {name} "
+                f"part empty (sizes {tuple(sizes)}); use more rows or larger fractions"
+            )
+    order = torch.randperm(rows, generator=_generator(seed))
+    return tuple(data[part] for part in torch.split(order, sizes))

@@ -1,0 +1,67 @@
+"""A context network: an MLP from a context vector to the parameters of a flow.
+
+Conditional flows (``Conditional<X>``) use it to turn a context (an encoder's
+hidden layer, say) into the tensors that ``Conditioned<X>`` takes. The network
+itself is Pyro's :class:`~pyro.nn.DenseNN`; this module adds what every
+conditional flow needs around it: a width check on the context, and outputs
+reshaped to the parameter shapes (``(K, D)`` reflection vectors, say) with the
+context's batch shape in front. (The flow that owns the network checks the
+context's width, so that the error names the flow.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from pyro.nn import DenseNN
+from torch import nn
+
+from pyro_nflows.validation import check_count
+
+__all__ = ["ContextNet", "default_hidden_dims"]
+
+
+def default_hidden_dims(input_dim: int, context_dim: int) -> tuple[int, int]:
+    """Two hidden layers of ``10 * max(input_dim, context_dim)`` units, as Pyro's own conditional flows use."""
+    width = 10 * max(input_dim, context_dim)
+    return (width, width)
+
+
+class ContextNet(nn.Module):
+    """An MLP mapping a context of width ``context_dim`` to tensors of the given shapes.
+
+    :param context_dim: width of the context vector.
+    :param hidden_dims: widths of the hidden layers.
+    :param param_shapes: one shape per output tensor, without batch dimensions.
+
+    ``forward(context)`` returns a tuple with one tensor per shape, each of shape
+    ``context.shape[:-1] + param_shape``.
+    """
+
+    def __init__(
+        self,
+        context_dim: int,
+        hidden_dims: Sequence[int],
+        param_shapes: Sequence[tuple[int, ...]],
+    ):
+        super().__init__()
+        self.context_dim = check_count("context_dim", context_dim)
+        hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
+        self.param_shapes = [tuple(int(s) for s in shape) for shape in param_shapes]
+        sizes = [math.prod(shape) for shape in self.param_shapes]
+        # DenseNN needs one output block per parameter; an empty block (a 1-D
+        # triangular matrix has no strictly lower entries) gets one dummy unit.
+        self.net = DenseNN(context_dim, list(hidden_dims), [max(size, 1) for size in sizes])
+        self._sizes = sizes
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.net(context)
+        if len(self._sizes) == 1:
+            outputs = (outputs,)
+        batch = context.shape[:-1]
+        return tuple(
+            out[..., :size].reshape(batch + shape)
+            for out, size, shape in zip(outputs, self._sizes, self.param_shapes)
+        )

@@ -1,0 +1,160 @@
+"""What every transform of the package shares: input validation and a cache that
+knows about parameter updates.
+
+Torch's :class:`~torch.distributions.transforms.Transform` caches the last
+``(x, y)`` pair and returns the cached ``y`` whenever it is called again with
+the *same tensor object* ``x``. For a :class:`~pyro.distributions.TransformModule`
+that is a trap twice over: after an optimiser step the parameters have changed
+but the cache still answers with the output of the old parameters; and a
+repeated call hands back a tensor whose autograd graph may already have been
+freed by ``backward()`` (or was built under ``no_grad``).
+
+:class:`FlowTransform` caches for the one purpose that matters, scoring a
+transform's own samples: after ``y = t(x)``, ``t.inv(y)`` returns ``x`` itself
+(and after ``x = t.inv(y)``, ``t(x)`` returns ``y``), which also makes that
+round trip exact for inverses that are only numerical. A call in the same
+direction as the cached one is recomputed, so every returned tensor is either
+fresh or the caller's own input. The cache is keyed on the identity of the
+tensor *and* on the in-place version counter of every parameter, so an update
+(an optimiser step, ``load_state_dict``, a data-dependent initialisation)
+invalidates it.
+
+It also checks the event shape of every input, so that a wrong size gets a
+``ValueError`` that names what was expected rather than a shape error from deep
+inside torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.distributions import constraints
+from torch.distributions.transforms import Transform
+
+from pyro.distributions.conditional import ConditionalTransformModule
+
+from pyro_nflows.nn.dense import ContextNet, default_hidden_dims
+from pyro_nflows.validation import check_count, check_event, check_input_dim
+
+__all__ = ["ConditionalFlow", "FlowTransform", "resolve"]
+
+
+def resolve(value):
+    """A parameter given as a tensor or as a callable returning one (Pyro's convention)."""
+    return value() if callable(value) else value
+
+
+class FlowTransform(Transform):
+    """Base class of the package's vector transforms (``event_dim = 1``).
+
+    Subclasses implement ``_call``, ``_inverse`` and ``log_abs_det_jacobian`` and
+    set ``self.input_dim``. This class validates the event size of every input
+    and keeps a cache that is invalidated by any in-place change of a parameter.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, *args, cache_size: int = 1, **kwargs):
+        # Extra arguments go on along the MRO (see PermuteModule, which mixes
+        # this class into Pyro's Permute).
+        super().__init__(*args, cache_size=cache_size, **kwargs)
+        self._cached_versions = None
+        self._cached_forward = None
+
+    def _parameter_versions(self) -> tuple:
+        parameters = getattr(self, "parameters", None)
+        if parameters is None:
+            return ()
+        return tuple(p._version for p in parameters())
+
+    def _check(self, x: torch.Tensor, what: str) -> None:
+        check_event(x, self.input_dim, type(self).__name__, what)
+
+    def _cached(self, value: torch.Tensor, compute: Callable, forward: bool) -> torch.Tensor:
+        if self._cache_size == 0:
+            return compute(value)
+        versions = self._parameter_versions()
+        if versions == self._cached_versions and self._cached_forward is not forward:
+            x_old, y_old = self._cached_x_y
+            if forward and value is x_old:
+                return y_old
+            if not forward and value is y_old:
+                return x_old
+        result = compute(value)
+        self._cached_x_y = (value, result) if forward else (result, value)
+        self._cached_forward = forward
+        self._cached_versions = versions
+        return result
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x, "input")
+        return self._cached(x, self._call, forward=True)
+
+    def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
+        self._check(y, "output")
+        return self._cached(y, self._inverse, forward=False)
+
+    def with_cache(self, cache_size: int = 1) -> "FlowTransform":
+        """Switch caching on (1) or off (0) in place and return ``self``.
+
+        Unlike torch's default, which rebuilds the transform, this keeps the
+        parameters (and so works for modules).
+        """
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        self._cache_size = cache_size
+        self._cached_x_y = None, None
+        self._cached_versions = None
+        self._cached_forward = None
+        return self
+
+    def __getstate__(self):
+        # Copies and pickles start with an empty cache: the cached tensors are
+        # part of an autograd graph (which deepcopy refuses) and of no use there.
+        state = super().__getstate__()
+        if self._cache_size:
+            state["_cached_x_y"] = None, None
+        state["_cached_versions"] = None
+        state["_cached_forward"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"
+
+
+class ConditionalFlow(ConditionalTransformModule):
+    """Base class of the package's conditional transforms built on a context network.
+
+    It owns a :class:`~pyro_nflows.nn.ContextNet` mapping a context to tensors
+    of ``param_shapes``; subclasses implement ``_condition(*params)``,
+    returning the ``Conditioned<X>`` transform for those parameters.
+    ``condition(context)`` checks the context's width first, so a wrong one
+    gets an error that names this flow.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        context_dim: int,
+        param_shapes: Sequence[tuple[int, ...]],
+        hidden_dims: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.input_dim = check_input_dim(input_dim)
+        self.context_dim = check_count("context_dim", context_dim)
+        if hidden_dims is None:
+            hidden_dims = default_hidden_dims(input_dim, context_dim)
+        self.net = ContextNet(context_dim, hidden_dims, param_shapes)
+
+    def condition(self, context: torch.Tensor) -> FlowTransform:
+        check_event(context, self.context_dim, type(self).__name__, "context")
+        return self._condition(*self.net(context))
+
+    def _condition(self, *params: torch.Tensor) -> FlowTransform:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, context_dim={self.context_dim}"

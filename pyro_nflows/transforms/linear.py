@@ -1,0 +1,551 @@
+r"""Linear flows: :math:`y = W x (+ b)` with a structured, invertible :math:`W`.
+
+========================  ==============================================  =================
+class                     :math:`W`                                       :math:`\log|\det W|`
+========================  ==============================================  =================
+TriangularLinear          :math:`L`, unit lower triangular (LinIAF)       0
+ConvexTriangularLinear    :math:`\sum_k y_k L_k`, :math:`y` on the        0
+                          simplex (ccLinIAF)
+Householder               :math:`H_K \cdots H_1`, reflections             0
+LULinear                  :math:`P L U`                                   :math:`\sum_i \log u_{ii}`
+QRLinear                  :math:`Q R`, :math:`Q` a product of             :math:`\sum_i \log r_{ii}`
+                          reflections
+========================  ==============================================  =================
+
+Every inverse is exact: a triangular solve (:math:`O(D^2)` per point) or the
+transpose of an orthogonal matrix.
+
+**Products of reflections.** A reflection is
+:math:`H_k = I - 2 u_k u_k^\top` with :math:`\|u_k\| = 1`. Applying :math:`K`
+of them one after the other (as Pyro's ``Householder`` does) costs :math:`K`
+sequential passes over the batch. Instead we use the compact "UT" form of the
+product [3, 4]: with :math:`U = [u_1, \dots, u_K]` and
+:math:`S = \operatorname{triu}(U^\top U, 1) + \tfrac12 I`,
+
+.. math:: H_1 H_2 \cdots H_K = I - U S^{-1} U^\top,
+
+so a batch of row vectors is reflected by two matrix products and one
+:math:`K \times K` triangular solve, whatever :math:`K` is. ``Householder`` and
+``QRLinear`` share this (:func:`reflect`).
+
+References:
+
+[1] Jakub M. Tomczak, Max Welling. Improving Variational Auto-Encoders using
+    Householder Flow. arXiv:1611.09630
+[2] Jakub M. Tomczak, Max Welling. Improving Variational Auto-Encoders using
+    convex combination linear Inverse Autoregressive Flow. arXiv:1706.02326
+[3] Thierry Joffrain, Tze Meng Low, Enrique S. Quintana-Orti, Robert van de
+    Geijn, Field G. Van Zee. Accumulating Householder transformations,
+    revisited. ACM TOMS 32(2), 2006.
+[4] Robert Schreiber, Charles Van Loan. A storage-efficient WY representation
+    for products of Householder transformations. SIAM J. Sci. Stat. Comput.
+    10(1), 1989.
+[5] Diederik P. Kingma, Prafulla Dhariwal. Glow: Generative Flow with
+    Invertible 1x1 Convolutions. arXiv:1807.03039
+[6] Emiel Hoogeboom, Rianne van den Berg, Max Welling. Emerging Convolutions
+    for Generative Normalizing Flows. arXiv:1901.11137
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import nn
+
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
+from pyro_nflows.validation import check_count, check_input_dim
+
+__all__ = [
+    "ConditionalConvexTriangularLinear",
+    "ConditionalHouseholder",
+    "ConditionalTriangularLinear",
+    "ConditionedConvexTriangularLinear",
+    "ConditionedHouseholder",
+    "ConditionedTriangularLinear",
+    "ConvexTriangularLinear",
+    "Householder",
+    "LULinear",
+    "QRLinear",
+    "TriangularLinear",
+    "conditional_convex_triangular_linear",
+    "conditional_householder",
+    "conditional_triangular_linear",
+    "convex_triangular_linear",
+    "householder",
+    "lu_linear",
+    "qr_linear",
+    "reflect",
+    "triangular_linear",
+]
+
+
+# ---------------------------------------------------------------------------
+# Shared matrix helpers: a matrix is either shared by the whole batch, shape
+# (D, D), or has batch dimensions of its own, shape (..., D, D), that broadcast
+# against those of x.
+# ---------------------------------------------------------------------------
+
+
+def _matvec(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` for each vector ``x[..., :]``; one GEMM when the matrix is shared."""
+    if matrix.dim() == 2:
+        return x @ matrix.mT
+    return (matrix @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _triangular_solve(
+    matrix: torch.Tensor, y: torch.Tensor, upper: bool, unitriangular: bool = False
+) -> torch.Tensor:
+    """Solve ``matrix @ x = y`` for each vector ``y[..., :]``; ``matrix`` triangular."""
+    if matrix.dim() == 2:
+        flat = y.reshape(-1, y.shape[-1])
+        x = torch.linalg.solve_triangular(
+            matrix.mT, flat, upper=not upper, left=False, unitriangular=unitriangular
+        )
+        return x.reshape(y.shape)
+    x = torch.linalg.solve_triangular(
+        matrix, y.unsqueeze(-1), upper=upper, unitriangular=unitriangular
+    )
+    return x.squeeze(-1)
+
+
+def _fill_triangle(entries: torch.Tensor, size: int, offset: int, diagonal: torch.Tensor) -> torch.Tensor:
+    """A ``size x size`` triangular matrix from packed off-diagonal entries.
+
+    ``offset=-1`` fills the strictly lower triangle, ``offset=1`` the strictly
+    upper one, in the order of ``torch.tril_indices``/``torch.triu_indices``;
+    ``diagonal`` (broadcastable to ``entries.shape[:-1] + (size,)``) goes on the
+    diagonal. Batch dimensions of ``entries`` are kept.
+    """
+    batch = entries.shape[:-1]
+    if offset < 0:
+        rows, cols = torch.tril_indices(size, size, offset, device=entries.device)
+    else:
+        rows, cols = torch.triu_indices(size, size, offset, device=entries.device)
+    matrix = entries.new_zeros(batch + (size, size))
+    matrix[..., rows, cols] = entries
+    return matrix + torch.diag_embed(diagonal.expand(batch + (size,)))
+
+
+def _count_off_diagonal(size: int) -> int:
+    return size * (size - 1) // 2
+
+
+def _zero_log_det(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(x.shape[:-1])
+
+
+# ---------------------------------------------------------------------------
+# Products of Householder reflections
+# ---------------------------------------------------------------------------
+
+
+def reflect(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    r"""Apply :math:`H_K \cdots H_1` (or, with ``inverse=True``, its inverse
+    :math:`H_1 \cdots H_K`) to each vector ``x[..., :]``.
+
+    :param x: points of shape ``(..., D)``.
+    :param vectors: reflection vectors :math:`v_1, \dots, v_K` (any non-zero
+        length), shape ``(K, D)`` shared by the batch, or ``(..., K, D)`` with
+        batch dimensions that broadcast against those of ``x``.
+
+    Uses :math:`H_1 \cdots H_K = I - U S^{-1} U^\top` (see the module docstring):
+    two matrix products and a :math:`K \times K` triangular solve.
+    """
+    units = vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
+    gram = units @ units.mT
+    count = units.shape[-2]
+    eye = torch.eye(count, dtype=units.dtype, device=units.device)
+    s = torch.triu(gram, diagonal=1) + 0.5 * eye
+    # Row vectors: forward is x (H_1 ... H_K) = x - (x U) S^{-1} U^T, and the
+    # inverse (the transpose) is x - (x U) S^{-T} U^T.
+    factor = s.mT if inverse else s
+    if units.dim() == 2:
+        flat = x.reshape(-1, x.shape[-1])
+        coefficients = torch.linalg.solve_triangular(
+            factor, flat @ units.mT, upper=not inverse, left=False
+        )
+        return (flat - coefficients @ units).reshape(x.shape)
+    coefficients = torch.linalg.solve_triangular(
+        factor, x.unsqueeze(-2) @ units.mT, upper=not inverse, left=False
+    )
+    return x - (coefficients @ units).squeeze(-2)
+
+
+class ConditionedHouseholder(FlowTransform):
+    r"""A product of :math:`K` Householder reflections,
+
+    .. math:: y = H_K \cdots H_1 x, \qquad H_k = I - 2 \frac{v_k v_k^\top}{\|v_k\|^2},
+
+    an orthogonal map (volume preserving, :math:`\log|\det| = 0`), applied by
+    :func:`reflect` in two matrix products whatever :math:`K` is. The inverse
+    is the transpose, at the same cost.
+
+    :param input_dim: the event size :math:`D`.
+    :param vectors: the reflection vectors, a tensor of shape ``(..., K, D)``
+        or a callable returning one.
+
+    Reference: [1] in :mod:`pyro_nflows.transforms.linear`.
+    """
+
+    volume_preserving = True
+
+    def __init__(self, input_dim: int, vectors=None, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.input_dim = check_input_dim(input_dim)
+        self.vectors = vectors
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return reflect(x, resolve(self.vectors))
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return reflect(y, resolve(self.vectors), inverse=True)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _zero_log_det(x)
+
+
+class Householder(ConditionedHouseholder, TransformModule):
+    r"""Learnable product of ``count_transforms`` Householder reflections
+    (Tomczak & Welling 2016).
+
+    .. math:: y = H_K \cdots H_1 x, \qquad H_k = I - 2 \frac{v_k v_k^\top}{\|v_k\|^2}
+
+    With :math:`K = D` reflections it can reach any orthogonal matrix, so
+    ``Householder`` after a diagonal Gaussian gives a full-covariance
+    Gaussian. Forward and inverse cost two ``(B, D) x (D, K)`` matrix products
+    (Pyro's ``Householder`` makes :math:`K` sequential passes instead).
+
+    Example::
+
+        >>> import pyro.distributions as dist
+        >>> base = dist.Normal(torch.zeros(4), torch.ones(4)).to_event(1)
+        >>> flow = dist.TransformedDistribution(base, [Householder(4, count_transforms=3)])
+        >>> flow.sample((2,)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, input_dim: int, count_transforms: int = 1, cache_size: int = 1):
+        super().__init__(input_dim, cache_size=cache_size)
+        count_transforms = check_count("count_transforms", count_transforms)
+        bound = 1.0 / math.sqrt(input_dim)
+        self.vectors = nn.Parameter(torch.empty(count_transforms, input_dim).uniform_(-bound, bound))
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, count_transforms={self.vectors.shape[0]}"
+
+
+class ConditionalHouseholder(ConditionalFlow):
+    r"""Householder reflections whose vectors come from a context:
+    :math:`v_{1..K} = \mathrm{MLP}(c)`, as in the Householder-flow VAE, where
+    :math:`c` is the encoder's last hidden layer. ``condition(c)`` returns a
+    :class:`ConditionedHouseholder`.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        context_dim: int,
+        count_transforms: int = 1,
+        hidden_dims: Sequence[int] | None = None,
+    ):
+        count_transforms = check_count("count_transforms", count_transforms)
+        super().__init__(input_dim, context_dim, [(count_transforms, input_dim)], hidden_dims)
+        self.count_transforms = count_transforms
+
+    def _condition(self, vectors: torch.Tensor) -> ConditionedHouseholder:
+        return ConditionedHouseholder(self.input_dim, vectors)
+
+
+def householder(input_dim: int, count_transforms: int = 1) -> Householder:
+    """``count_transforms`` learnable Householder reflections of ``input_dim`` vectors."""
+    return Householder(input_dim, count_transforms=count_transforms)
+
+
+def conditional_householder(
+    input_dim: int,
+    context_dim: int,
+    count_transforms: int = 1,
+    hidden_dims: Sequence[int] | None = None,
+) -> ConditionalHouseholder:
+    """Householder reflections whose vectors an MLP computes from a context."""
+    return ConditionalHouseholder(input_dim, context_dim, count_transforms, hidden_dims)
+
+
+# ---------------------------------------------------------------------------
+# Unit lower triangular maps: LinIAF and ccLinIAF
+# ---------------------------------------------------------------------------
+
+
+class ConditionedTriangularLinear(FlowTransform):
+    r"""LinIAF: :math:`y = L x` with :math:`L` unit lower triangular.
+
+    Volume preserving (:math:`\det L = 1`); the inverse is a forward
+    substitution, :math:`O(D^2)` per point. Each :math:`y_i` depends on
+    :math:`x_{1..i}` only, so the map is autoregressive.
+
+    :param input_dim: the event size :math:`D`.
+    :param entries: the :math:`D(D-1)/2` strictly lower entries of :math:`L`
+        in the order of ``torch.tril_indices(D, D, -1)``, shape ``(..., D(D-1)/2)``,
+        or a callable returning them.
+    """
+
+    volume_preserving = True
+    autoregressive = True
+
+    def __init__(self, input_dim: int, entries=None, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.input_dim = check_input_dim(input_dim)
+        self.entries = entries
+
+    def strictly_lower_entries(self) -> torch.Tensor:
+        return resolve(self.entries)
+
+    def matrix(self) -> torch.Tensor:
+        """The matrix :math:`L`, shape ``(..., D, D)``."""
+        entries = self.strictly_lower_entries()
+        return _fill_triangle(entries, self.input_dim, -1, entries.new_ones(()))
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return _matvec(self.matrix(), x)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return _triangular_solve(self.matrix(), y, upper=False, unitriangular=True)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _zero_log_det(x)
+
+
+class TriangularLinear(ConditionedTriangularLinear, TransformModule):
+    r"""Learnable LinIAF, :math:`y = L x`, :math:`L` unit lower triangular,
+    initialised to the identity (Tomczak & Welling 2017).
+
+    Example::
+
+        >>> t = TriangularLinear(3)
+        >>> t.matrix()
+        tensor([[1., 0., 0.],
+                [0., 1., 0.],
+                [0., 0., 1.]], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, input_dim: int, cache_size: int = 1):
+        super().__init__(input_dim, cache_size=cache_size)
+        self.entries = nn.Parameter(torch.zeros(_count_off_diagonal(input_dim)))
+
+
+class ConditionalTriangularLinear(ConditionalFlow):
+    """LinIAF whose lower triangle an MLP computes from a context; ``condition(c)``
+    returns a :class:`ConditionedTriangularLinear`."""
+
+    def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None):
+        super().__init__(input_dim, context_dim, [(_count_off_diagonal(input_dim),)], hidden_dims)
+
+    def _condition(self, entries: torch.Tensor) -> ConditionedTriangularLinear:
+        return ConditionedTriangularLinear(self.input_dim, entries)
+
+
+class ConditionedConvexTriangularLinear(ConditionedTriangularLinear):
+    r"""ccLinIAF: :math:`y = \big(\sum_{k=1}^K w_k L_k\big) x`, each :math:`L_k`
+    unit lower triangular, :math:`w = \operatorname{softmax}(a)` on the simplex.
+
+    A convex combination of unit lower triangular matrices is one itself, so
+    this is a :class:`ConditionedTriangularLinear` whose strictly lower part is
+    :math:`\sum_k w_k \operatorname{tril}(L_k, -1)`: volume preserving, inverse
+    by forward substitution.
+
+    :param input_dim: the event size :math:`D`.
+    :param components: strictly lower entries of each :math:`L_k`, shape
+        ``(..., K, D(D-1)/2)``, or a callable.
+    :param logits: the unnormalised weights :math:`a`, shape ``(..., K)``, or a callable.
+    """
+
+    def __init__(self, input_dim: int, components=None, logits=None, cache_size: int = 1):
+        super().__init__(input_dim, cache_size=cache_size)
+        self.components = components
+        self.logits = logits
+
+    def weights(self) -> torch.Tensor:
+        """The convex weights :math:`w`, shape ``(..., K)``."""
+        return torch.softmax(resolve(self.logits), dim=-1)
+
+    def strictly_lower_entries(self) -> torch.Tensor:
+        return (self.weights().unsqueeze(-1) * resolve(self.components)).sum(-2)
+
+
+def _check_count_matrices(count_matrices: int) -> int:
+    if count_matrices == 1:
+        raise ValueError(
+            "count_matrices must be >= 2 for a convex combination (one matrix has no "
+            "weights to learn); use triangular_linear for a single unit lower triangular matrix"
+        )
+    return check_count("count_matrices", count_matrices, minimum=2)
+
+
+class ConvexTriangularLinear(ConditionedConvexTriangularLinear, TransformModule):
+    r"""Learnable ccLinIAF with ``count_matrices`` matrices :math:`L_k`
+    (Tomczak & Welling 2017). The :math:`L_k` start near the identity, at
+    different small random values, with equal weights.
+    """
+
+    def __init__(self, input_dim: int, count_matrices: int = 3, cache_size: int = 1):
+        super().__init__(input_dim, cache_size=cache_size)
+        count_matrices = _check_count_matrices(count_matrices)
+        self.components = nn.Parameter(
+            0.01 * torch.randn(count_matrices, _count_off_diagonal(input_dim))
+        )
+        self.logits = nn.Parameter(torch.zeros(count_matrices))
+
+
+class ConditionalConvexTriangularLinear(ConditionalFlow):
+    """ccLinIAF whose matrices :math:`L_k` and weights an MLP computes from a
+    context, as the encoder does in the ccLinIAF VAE; ``condition(c)`` returns a
+    :class:`ConditionedConvexTriangularLinear`."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        context_dim: int,
+        count_matrices: int = 3,
+        hidden_dims: Sequence[int] | None = None,
+    ):
+        count_matrices = _check_count_matrices(count_matrices)
+        shapes = [(count_matrices, _count_off_diagonal(input_dim)), (count_matrices,)]
+        super().__init__(input_dim, context_dim, shapes, hidden_dims)
+        self.count_matrices = count_matrices
+
+    def _condition(self, components: torch.Tensor, logits: torch.Tensor) -> ConditionedConvexTriangularLinear:
+        return ConditionedConvexTriangularLinear(self.input_dim, components, logits)
+
+
+def triangular_linear(input_dim: int) -> TriangularLinear:
+    """LinIAF: a learnable unit lower triangular matrix, starting at the identity."""
+    return TriangularLinear(input_dim)
+
+
+def conditional_triangular_linear(
+    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None
+) -> ConditionalTriangularLinear:
+    """LinIAF whose matrix an MLP computes from a context."""
+    return ConditionalTriangularLinear(input_dim, context_dim, hidden_dims)
+
+
+def convex_triangular_linear(input_dim: int, count_matrices: int = 3) -> ConvexTriangularLinear:
+    """ccLinIAF: a learnable convex combination of ``count_matrices`` unit lower triangular matrices."""
+    return ConvexTriangularLinear(input_dim, count_matrices)
+
+
+def conditional_convex_triangular_linear(
+    input_dim: int,
+    context_dim: int,
+    count_matrices: int = 3,
+    hidden_dims: Sequence[int] | None = None,
+) -> ConditionalConvexTriangularLinear:
+    """ccLinIAF whose matrices and convex weights an MLP computes from a context."""
+    return ConditionalConvexTriangularLinear(input_dim, context_dim, count_matrices, hidden_dims)
+
+
+# ---------------------------------------------------------------------------
+# Full-rank affine maps: LU and QR
+# ---------------------------------------------------------------------------
+
+
+class LULinear(FlowTransform, TransformModule):
+    r"""A learnable invertible affine map in LU form (Glow [5]),
+
+    .. math:: y = P L U x + b, \qquad \log|\det| = \sum_i \log u_{ii},
+
+    with :math:`P` a fixed random permutation, :math:`L` unit lower triangular,
+    :math:`U` upper triangular with diagonal :math:`u_{ii} = e^{s_i} > 0`.
+    Starts at :math:`W = P`. Inverse: two triangular solves, :math:`O(D^2)` per point.
+    """
+
+    def __init__(self, input_dim: int, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.input_dim = check_input_dim(input_dim)
+        off = _count_off_diagonal(input_dim)
+        self.lower_entries = nn.Parameter(torch.zeros(off))
+        self.upper_entries = nn.Parameter(torch.zeros(off))
+        self.log_diagonal = nn.Parameter(torch.zeros(input_dim))
+        self.bias = nn.Parameter(torch.zeros(input_dim))
+        permutation = torch.randperm(input_dim)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.input_dim
+        lower = _fill_triangle(self.lower_entries, size, -1, self.lower_entries.new_ones(()))
+        upper = _fill_triangle(self.upper_entries, size, 1, self.log_diagonal.exp())
+        return lower, upper
+
+    def matrix(self) -> torch.Tensor:
+        """The matrix :math:`W = P L U`."""
+        lower, upper = self._factors()
+        return (lower @ upper)[self.permutation]
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return _matvec(self.matrix(), x) + self.bias
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        lower, upper = self._factors()
+        z = (y - self.bias)[..., self.inverse_permutation]
+        z = _triangular_solve(lower, z, upper=False, unitriangular=True)
+        return _triangular_solve(upper, z, upper=True)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.log_diagonal.sum().to(x.dtype).expand(x.shape[:-1])
+
+
+class QRLinear(FlowTransform, TransformModule):
+    r"""A learnable invertible affine map in QR form (Hoogeboom et al. [6]),
+
+    .. math:: y = Q R x + b, \qquad \log|\det| = \sum_i \log r_{ii},
+
+    with :math:`Q = H_K \cdots H_1` a product of ``count_reflections``
+    Householder reflections (applied by :func:`reflect`, the machinery of
+    :class:`Householder`) and :math:`R` upper triangular with diagonal
+    :math:`r_{ii} = e^{s_i} > 0`. With :math:`K = D` (the default) :math:`Q`
+    can be any rotation. Starts at a random orthogonal :math:`Q`, :math:`R = I`.
+    Inverse: :math:`Q^\top` then a triangular solve, :math:`O(D^2)` per point.
+    """
+
+    def __init__(self, input_dim: int, count_reflections: int | None = None, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.input_dim = check_input_dim(input_dim)
+        count = input_dim if count_reflections is None else check_count("count_reflections", count_reflections)
+        bound = 1.0 / math.sqrt(input_dim)
+        self.vectors = nn.Parameter(torch.empty(count, input_dim).uniform_(-bound, bound))
+        self.upper_entries = nn.Parameter(torch.zeros(_count_off_diagonal(input_dim)))
+        self.log_diagonal = nn.Parameter(torch.zeros(input_dim))
+        self.bias = nn.Parameter(torch.zeros(input_dim))
+
+    def upper(self) -> torch.Tensor:
+        """The matrix :math:`R`."""
+        return _fill_triangle(self.upper_entries, self.input_dim, 1, self.log_diagonal.exp())
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return reflect(_matvec(self.upper(), x), self.vectors) + self.bias
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        z = reflect(y - self.bias, self.vectors, inverse=True)
+        return _triangular_solve(self.upper(), z, upper=True)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.log_diagonal.sum().to(x.dtype).expand(x.shape[:-1])
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, count_reflections={self.vectors.shape[0]}"
+
+
+def lu_linear(input_dim: int) -> LULinear:
+    """A learnable invertible affine map ``P L U x + b``, starting at a random permutation."""
+    return LULinear(input_dim)
+
+
+def qr_linear(input_dim: int, count_reflections: int | None = None) -> QRLinear:
+    """A learnable invertible affine map ``Q R x + b``; ``Q`` a product of
+    ``count_reflections`` (default ``input_dim``) reflections."""
+    return QRLinear(input_dim, count_reflections)

@@ -1,0 +1,37 @@
+"""Argument checks shared by every layer of the package.
+
+Each raises ``ValueError`` with a message that says what was expected and what
+was given, so that a user sees the mistake instead of a shape error from deep
+inside torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_count", "check_event", "check_input_dim"]
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """Return ``value`` if it is an integer >= ``minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_input_dim(input_dim: int) -> int:
+    """Return ``input_dim`` if it is an integer >= 1, else raise ``ValueError``."""
+    return check_count("input_dim", input_dim)
+
+
+def check_event(x: torch.Tensor, size: int, who: str, what: str = "input") -> None:
+    """Raise ``ValueError`` unless ``x`` is a tensor whose last dimension is ``size``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{who} expects a torch.Tensor {what}, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != size:
+        raise ValueError(
+            f"{who} expects {what}s whose last dimension is {size}, "
+            f"got a tensor of shape {tuple(x.shape)}"
+        )

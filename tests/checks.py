@@ -1,0 +1,238 @@
+"""The checks every transform of the package passes (see DESIGN.md).
+
+:func:`check_transform` takes a zero-argument function that builds the
+transform (a :class:`~pyro.distributions.TransformModule`, or a
+:class:`~pyro.distributions.ConditionalTransformModule` when ``context_dim``
+is given) and asserts, in order:
+
+1. the transform is a vector transform (``event_dim == 1``);
+2. every parameter is moved well off its initialisation (after one batch has
+   passed, so data-dependent initialisations have happened);
+3. shapes and uncached round trips ``inverse(forward(x)) == x`` in float32 and
+   float64, for batch shapes ``()``, ``(3,)``, ``(3, 4)`` and, for
+   conditional transforms, contexts with batches of 1 and 5 that broadcast;
+4. ``log_abs_det_jacobian`` against ``slogdet`` of the autograd Jacobian, in
+   float64, at the moved parameters;
+5. gradients of ``log_prob`` reach every parameter;
+6. a few Adam steps on ``-log_prob`` lower it (the base is anisotropic, so
+   volume-preserving flows can learn too);
+7. ``state_dict`` round trips (directly and through ``torch.save`` /
+   ``torch.load(weights_only=True)``) give the same outputs;
+8. the cache inverts the transform's own output exactly and never returns a
+   stale value after an in-place parameter update;
+9. an input or context of the wrong width raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Callable
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions import ConditionalTransformModule
+from torch.distributions.transforms import Transform
+
+BATCH_SHAPES = [(), (3,), (3, 4)]
+# (batch shape of x, batch shape of the context): equal, and broadcasting.
+CONTEXT_BATCH_SHAPES = [((), ()), ((3,), (3,)), ((3, 4), (3, 4)), ((5,), (1,)), ((5,), (5,)), ((3, 5), (5,)), ((3, 5), (1,))]
+
+
+def _points(shape, input_dim, dtype, generator):
+    return torch.randn(*shape, input_dim, dtype=dtype, generator=generator)
+
+
+def _context(shape, context_dim, dtype, generator):
+    return torch.randn(*shape, context_dim, dtype=dtype, generator=generator)
+
+
+def _cases(input_dim, context_dim, dtype, generator):
+    """Yield ``(x, context or None)`` pairs covering every batch-shape case."""
+    if context_dim is None:
+        for shape in BATCH_SHAPES:
+            yield _points(shape, input_dim, dtype, generator), None
+    else:
+        for x_shape, c_shape in CONTEXT_BATCH_SHAPES:
+            yield _points(x_shape, input_dim, dtype, generator), _context(c_shape, context_dim, dtype, generator)
+
+
+def _plain(module, context) -> Transform:
+    return module.condition(context) if context is not None else module
+
+
+def _is_conditional(module) -> bool:
+    return isinstance(module, ConditionalTransformModule)
+
+
+def _base(input_dim, dtype):
+    """An anisotropic Gaussian, so that rotations change the likelihood."""
+    scale = torch.linspace(0.5, 2.0, input_dim, dtype=dtype)
+    return dist.Normal(torch.zeros(input_dim, dtype=dtype), scale).to_event(1)
+
+
+def _flow_dist(module, context, input_dim, dtype):
+    base = _base(input_dim, dtype)
+    if context is None:
+        return dist.TransformedDistribution(base, [module])
+    return dist.ConditionalTransformedDistribution(base, [module]).condition(context)
+
+
+def _training_data(input_dim, context_dim, generator, count=256):
+    mixing = torch.randn(input_dim, input_dim, generator=generator) / input_dim**0.5 + torch.eye(input_dim)
+    data = torch.randn(count, input_dim, generator=generator) @ mixing.T + 0.5
+    context = None if context_dim is None else torch.randn(count, context_dim, generator=generator)
+    return data, context
+
+
+def move_parameters(module, scale: float, generator) -> None:
+    """Add Gaussian noise of standard deviation ``scale`` to every parameter."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(scale * noise)
+
+
+def check_transform(
+    build: Callable[[], torch.nn.Module],
+    input_dim: int,
+    context_dim: int | None = None,
+    *,
+    perturbation: float = 0.3,
+    round_trip_atol32: float = 1e-4,
+    round_trip_atol64: float = 1e-10,
+    log_det_atol: float = 1e-6,
+    seed: int = 0,
+    has_parameters: bool = True,
+) -> None:
+    """Run every shared check on the transform that ``build()`` makes.
+
+    ``has_parameters=False`` declares a transform without learnable
+    parameters (a fixed permutation): the check then asserts it has none and
+    leaves out the training steps, which have nothing to act on.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    module = build()
+    conditional = _is_conditional(module)
+    count = sum(p.numel() for p in module.parameters())
+    assert (count > 0) == has_parameters, f"expected has_parameters={has_parameters}, found {count} parameters"
+    assert conditional == (context_dim is not None), "pass context_dim exactly for conditional transforms"
+
+    # 1. A vector transform.
+    probe = _plain(module, _context((2,), context_dim, torch.float32, generator) if conditional else None)
+    assert probe.domain.event_dim == 1 and probe.codomain.event_dim == 1
+    assert probe.bijective
+
+    # 2. One batch through (data-dependent initialisation), then move parameters.
+    warm_x = _points((64,), input_dim, torch.float32, generator)
+    warm_c = _context((64,), context_dim, torch.float32, generator) if conditional else None
+    _plain(module, warm_c)(warm_x)
+    move_parameters(module, perturbation, generator)
+
+    # 3. Shapes and uncached round trips in both precisions.
+    for dtype, atol in [(torch.float32, round_trip_atol32), (torch.float64, round_trip_atol64)]:
+        typed = copy.deepcopy(module).to(dtype)
+        for x, context in _cases(input_dim, context_dim, dtype, generator):
+            transform = _plain(typed, context)
+            y = transform._call(x)
+            assert y.shape == x.shape and y.dtype == dtype, (y.shape, x.shape, y.dtype)
+            assert torch.isfinite(y).all()
+            x_back = transform._inverse(y)
+            error = (x_back - x).abs().max().item()
+            assert error <= atol, f"round trip error {error:.3g} > {atol} in {dtype} for x of shape {tuple(x.shape)}"
+            log_det = transform.log_abs_det_jacobian(x, y)
+            assert log_det.shape == x.shape[:-1], (log_det.shape, x.shape)
+            assert log_det.dtype == dtype
+            if getattr(transform, "volume_preserving", False):
+                assert (log_det == 0).all()
+
+    # 4. Log-determinant against autograd, float64, moved parameters.
+    module64 = copy.deepcopy(module).double()
+    points = _points((4,), input_dim, torch.float64, generator)
+    contexts = _context((4,), context_dim, torch.float64, generator) if conditional else [None] * 4
+    for x, context in zip(points, contexts):
+        transform = _plain(module64, context)
+        jacobian = torch.autograd.functional.jacobian(transform._call, x)
+        expected = torch.linalg.slogdet(jacobian).logabsdet
+        actual = transform.log_abs_det_jacobian(x, transform._call(x))
+        error = (actual - expected).abs().item()
+        assert error <= log_det_atol, f"log-det error {error:.3g} > {log_det_atol}"
+
+    # 5-6. Gradients and training.
+    data, data_context = _training_data(input_dim, context_dim, generator)
+    trained = copy.deepcopy(module)
+    if has_parameters:
+        _check_training(trained, data, data_context, input_dim)
+
+    # 7. state_dict round trips, directly and through torch.save/torch.load(weights_only=True).
+    x = _points((7,), input_dim, torch.float32, generator)
+    context = _context((7,), context_dim, torch.float32, generator) if conditional else None
+    expected = _plain(trained, context)._call(x)
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    for state in [trained.state_dict(), torch.load(buffer, weights_only=True)]:
+        restored = build()
+        restored.load_state_dict(state)
+        assert torch.equal(_plain(restored, context)._call(x), expected), "state_dict round trip changed outputs"
+
+    # 8. The cache inverts a transform's own output exactly, and never returns
+    #    a stale value after an in-place parameter update.
+    cached = copy.deepcopy(trained)
+    transform = _plain(cached, context)
+    with torch.no_grad():
+        y = transform(x)
+        assert transform.inv(y) is x, "the cache should return the input of the last forward call"
+        if has_parameters and not conditional:
+            move_parameters(cached, perturbation, generator)
+            x_new = cached.inv(y)
+            assert torch.equal(x_new, cached._inverse(y)), "the cache returned a stale value after a parameter update"
+            assert not torch.equal(x_new, x)
+
+    # 9. Wrong widths raise ValueError.
+    wrong = _points((3,), input_dim + 1, torch.float32, generator)
+    transform = _plain(trained, _context((3,), context_dim, torch.float32, generator) if conditional else None)
+    for call in (transform, transform.inv):
+        try:
+            call(wrong)
+        except ValueError as error:
+            assert str(input_dim) in str(error)
+        else:
+            raise AssertionError("an input of the wrong width did not raise ValueError")
+    if conditional:
+        try:
+            trained.condition(_context((3,), context_dim + 1, torch.float32, generator))
+        except ValueError as error:
+            assert str(context_dim) in str(error)
+        else:
+            raise AssertionError("a context of the wrong width did not raise ValueError")
+
+
+def _check_training(trained, data, data_context, input_dim) -> None:
+    """Steps 5 and 6: gradients reach every parameter; Adam steps lower -log_prob."""
+    # 5. Gradients of log_prob reach every parameter.
+    trained.zero_grad()
+    (-_flow_dist(trained, data_context, input_dim, torch.float32).log_prob(data).mean()).backward()
+    for name, parameter in trained.named_parameters():
+        if parameter.numel() == 0:
+            continue
+        assert parameter.grad is not None, f"no gradient reaches {name}"
+        assert torch.isfinite(parameter.grad).all(), f"non-finite gradient for {name}"
+        assert parameter.grad.abs().sum() > 0, f"zero gradient for {name}"
+
+    # 6. A few optimiser steps lower -log_prob.
+    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
+
+    def loss():
+        return -_flow_dist(trained, data_context, input_dim, torch.float32).log_prob(data).mean()
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < before - 1e-3, f"-log_prob did not decrease: {before:.4f} -> {after:.4f}"

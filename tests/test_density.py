@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from pyro_nflows import datasets
+from pyro_nflows.density import DensityModel, check_data, fit, load
+
+
+def _gaussian_data(n=600, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.tensor([[2.0, 0.0], [1.5, 0.5]])
+    return torch.randn(n, 2, generator=generator) @ mixing.T + torch.tensor([10.0, -3.0])
+
+
+def test_fit_learns_and_densities_are_in_data_units():
+    data = _gaussian_data()
+    model = fit(data, num_layers=2, epochs=40, batch_size=128, lr=1e-2, seed=0, progress=False)
+    history = model.history
+    assert history.validation[history.best_epoch] == max(history.validation)
+    assert history.train[-1] > history.train[0]
+    # The true density is N(mean, A A^T); its entropy bounds the achievable likelihood.
+    covariance = torch.tensor([[2.0, 0.0], [1.5, 0.5]]) @ torch.tensor([[2.0, 0.0], [1.5, 0.5]]).T
+    entropy = 0.5 * torch.logdet(2 * math.pi * math.e * covariance).item()
+    mean_log_prob = model.log_prob(_gaussian_data(seed=1)).mean().item()
+    assert mean_log_prob > -entropy - 0.15
+
+
+def test_samples_follow_the_data():
+    data = _gaussian_data(n=1000)
+    model = fit(data, num_layers=2, epochs=40, batch_size=128, lr=1e-2, seed=0, progress=False)
+    samples = model.sample(4000)
+    assert samples.shape == (4000, 2)
+    assert torch.allclose(samples.mean(0), data.mean(0), atol=0.2)
+    assert torch.allclose(samples.std(0), data.std(0), rtol=0.15)
+
+
+def test_save_and_load_restore_the_model_exactly(tmp_path):
+    data = datasets.two_moons(500, seed=0)
+    model = fit(data, num_layers=2, epochs=2, seed=0, progress=False)
+    path = tmp_path / "model.pt"
+    model.save(path)
+    restored = load(path)
+    points = datasets.two_moons(50, seed=1)
+    assert torch.equal(model.log_prob(points), restored.log_prob(points))
+    assert restored.config == model.config
+
+
+def test_load_refuses_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a model saved by DensityModel.save"):
+        load(path)
+
+
+def test_fit_stops_early_and_restores_the_best_weights():
+    data = _gaussian_data(n=200)
+    model = fit(data, num_layers=1, epochs=200, lr=5e-2, patience=3, seed=0, progress=False)
+    history = model.history
+    assert "early stop" in history.stopped
+    assert len(history.validation) == history.best_epoch + 1 + 3
+    # The restored weights score the validation data as at the best epoch.
+    assert history.validation[history.best_epoch] == max(history.validation)
+
+
+def test_divergence_stops_with_a_warning_and_keeps_the_best_model(monkeypatch):
+    data = _gaussian_data(n=200)
+    calls = {"count": 0}
+    original = DensityModel.log_prob
+
+    def diverging(self, x):  # healthy for a while, then NaN, as a blown-up run would be
+        calls["count"] += 1
+        result = original(self, x)
+        return result if calls["count"] < 12 or not self.training else result * float("nan")
+
+    monkeypatch.setattr(DensityModel, "log_prob", diverging)
+    with pytest.warns(RuntimeWarning, match="loss became nan.*returning the best model so far"):
+        model = fit(data, num_layers=1, epochs=50, seed=0, progress=False)
+    monkeypatch.undo()
+    assert "diverged" in model.history.stopped
+    assert model.history.best_epoch >= 0
+    assert torch.isfinite(model.log_prob(data)).all()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [1.0, float("inf")]] + [[3.0, 4.0], [5.0, 7.0]] * 4), r"NaN or infinite values in 2 rows \(first rows: \[1, 2\]\) and columns \[0, 1\]"),
+        (torch.stack([torch.randn(20), torch.full((20,), 3.0)], 1), r"constant columns \[1\]"),
+        (torch.randn(1, 2), "at least 2 rows"),
+        (torch.randn(10), "2-D array"),
+    ],
+)
+def test_bad_data_is_named(data, message):
+    with pytest.raises(ValueError, match=message):
+        check_data(data)
+    with pytest.raises(ValueError, match=message):
+        fit(data, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"validation_fraction": 1.5}, "validation_fraction"), ({"num_layers": 0}, "num_layers"), ({"flow": "nope"}, "unknown flow")],
+)
+def test_bad_hyper_parameters_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fit(_gaussian_data(n=50), progress=False, **kwargs)
+
+
+def test_log_prob_checks_the_width():
+    model = DensityModel(2, num_layers=1)
+    with pytest.raises(ValueError, match="last dimension is 2"):
+        model.log_prob(torch.randn(3, 3))

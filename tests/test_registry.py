@@ -1,0 +1,63 @@
+import pytest
+import torch
+from pyro.distributions import ConditionalTransformModule, TransformModule
+
+from pyro_nflows import available_flows, build_flow
+from pyro_nflows.registry import FLOWS, parse_spec
+
+
+def test_spec_builds_layers_in_order():
+    layers = build_flow("householder:4+lu_linear:2+elementwise_spline(count_bins=4)", 3)
+    assert [type(t).__name__ for t in layers] == ["Householder", "LULinear", "LULinear", "ElementwiseSpline"]
+    assert layers[0].vectors.shape == (4, 3)  # N sets the number of reflections, not of layers
+    assert layers[3].count_bins == 4
+
+
+def test_count_keyword_and_aliases():
+    (layer,) = build_flow("convex_triangular:5", 4)
+    assert layer.components.shape[0] == 5
+    (entry, count, options), = parse_spec(" qr_linear : 2 ( count_reflections = 3 ) ")
+    assert (entry.name, count, options) == ("qr_linear", 2, {"count_reflections": 3})
+
+
+def test_context_builds_conditional_versions_where_they_exist():
+    layers = build_flow("householder:2+actnorm+triangular_linear", 4, context_dim=3)
+    assert isinstance(layers[0], ConditionalTransformModule)
+    assert isinstance(layers[1], TransformModule)  # no conditional actnorm: used as is
+    assert isinstance(layers[2], ConditionalTransformModule)
+    transform = layers[0].condition(torch.randn(3))
+    assert transform(torch.randn(4)).shape == (4,)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown flow 'housholder'.*householder.*lu_linear"):
+        build_flow("housholder:2", 3)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "non-empty"),
+        ("householder:x", "N must be an integer"),
+        ("householder:0", "must be an integer >= 1"),
+        ("householder+", "cannot parse"),
+        ("householder(count=3)", "takes no option"),
+        ("elementwise_spline(count_bins)", "key=value"),
+    ],
+)
+def test_bad_specs_raise(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_flow(spec, 3)
+
+
+def test_bad_dimensions_raise():
+    with pytest.raises(ValueError, match="input_dim"):
+        build_flow("householder", 0)
+    with pytest.raises(ValueError, match="context_dim"):
+        build_flow("householder", 3, context_dim=0)
+
+
+def test_available_flows_lists_every_entry():
+    table = available_flows()
+    for name in FLOWS:
+        assert name in table
