@@ -48,6 +48,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -112,6 +113,14 @@ def _triangular_solve(
     return x.squeeze(-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _triangle_indices(size: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of a strict triangle, built once per size and device."""
+    make = torch.tril_indices if offset < 0 else torch.triu_indices
+    rows, cols = make(size, size, offset, device=device)
+    return rows, cols
+
+
 def _fill_triangle(entries: torch.Tensor, size: int, offset: int, diagonal: torch.Tensor) -> torch.Tensor:
     """A ``size x size`` triangular matrix from packed off-diagonal entries.
 
@@ -121,10 +130,7 @@ def _fill_triangle(entries: torch.Tensor, size: int, offset: int, diagonal: torc
     diagonal. Batch dimensions of ``entries`` are kept.
     """
     batch = entries.shape[:-1]
-    if offset < 0:
-        rows, cols = torch.tril_indices(size, size, offset, device=entries.device)
-    else:
-        rows, cols = torch.triu_indices(size, size, offset, device=entries.device)
+    rows, cols = _triangle_indices(size, offset, entries.device)
     matrix = entries.new_zeros(batch + (size, size))
     matrix[..., rows, cols] = entries
     return matrix + torch.diag_embed(diagonal.expand(batch + (size,)))
@@ -152,19 +158,27 @@ def reflect(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> to
         length), shape ``(K, D)`` shared by the batch, or ``(..., K, D)`` with
         batch dimensions that broadcast against those of ``x``.
 
-    Uses :math:`H_1 \cdots H_K = I - U S^{-1} U^\top` (see the module docstring):
-    two matrix products and a :math:`K \times K` triangular solve.
+    Uses :math:`H_1 \cdots H_K = I - U S^{-1} U^\top` (see the module
+    docstring): two ``(D, K)`` matrix products and a :math:`K \times K`
+    triangular solve per point. When the vectors are shared and
+    :math:`K \ge D/2`, forming the :math:`D \times D` product once and
+    applying it with one matrix product is cheaper, and that is what it does.
     """
     units = vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
     gram = units @ units.mT
-    count = units.shape[-2]
+    count, dim = units.shape[-2:]
     eye = torch.eye(count, dtype=units.dtype, device=units.device)
     s = torch.triu(gram, diagonal=1) + 0.5 * eye
     # Row vectors: forward is x (H_1 ... H_K) = x - (x U) S^{-1} U^T, and the
     # inverse (the transpose) is x - (x U) S^{-T} U^T.
     factor = s.mT if inverse else s
     if units.dim() == 2:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, dim)
+        if 2 * count >= dim:
+            # M = I - U S^{-1} U^T as a dense matrix (S^{-1} U^T by a triangular solve).
+            solved = torch.linalg.solve_triangular(factor, units, upper=not inverse)
+            matrix = torch.eye(dim, dtype=units.dtype, device=units.device) - units.mT @ solved
+            return (flat @ matrix).reshape(x.shape)
         coefficients = torch.linalg.solve_triangular(
             factor, flat @ units.mT, upper=not inverse, left=False
         )
