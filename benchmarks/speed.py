@@ -18,17 +18,21 @@ are noisy, so the numbers are *ratios* of medians over interleaved rounds:
   (> 1 means we are faster).
 
 Before anything is timed, every peer's output is checked against ours on the
-same input and the same parameters, so a wrong answer is never timed. A
-mismatch (or any error in a case) is reported, the other cases still run, and
-the exit status is 1; missed speed targets do not change it (the table is a
-report, not a test).
+same input and the same parameters, so a wrong answer is never timed (where
+parameters cannot be shared, as between MADE layouts, each contestant is
+checked on its own instead: see the MAF cases). A mismatch (or any error in a
+case) is reported, the other cases still run, and the exit status is 1;
+missed speed targets do not change it (the table is a report, not a test).
 
 Adding a case: write a ``setup(batch)`` function that builds our module and
 the peers' equivalents with the same parameters, checks they agree (``same``),
 and returns ``Contestants(ours=step, peers={"pyro": step, ...})``, where a step
 is a no-argument callable doing one timed operation (``fwd_bwd`` builds the
 usual "forward, log-det, backward, zero grads" step). Then append a
-``Case(name, setup, target=...)`` to ``CASES``. A peer left out of ``peers``
+``Case(name, setup, target=...)`` to ``CASES`` (``target`` is ``(peer,
+minimum peer/ours ratio)`` or a list of them, each of which must hold; a case
+whose peers take seconds a call can cap its ``repeats`` and ``warmup``). A
+peer left out of ``peers``
 prints "—" (no equivalent); a peer whose import fails prints "—" too, with a
 note (``optional_import``).
 """
@@ -80,12 +84,24 @@ class Contestants:
     peers: Dict[str, object]
 
 
+Target = Tuple[str, float]  # (peer, minimum peer/ours ratio)
+
+
 @dataclasses.dataclass
 class Case:
     name: str
     setup: Callable[[], Contestants]
-    # (peer, minimum peer/ours ratio), or None.
-    target: Optional[Tuple[str, float]] = None
+    # A target, a list of targets (each must hold), or None.
+    target: Optional[object] = None
+    # Slow cases (a peer taking seconds a call): at most this many timed rounds
+    # and warm-up calls, whatever the command line says.
+    repeats: Optional[int] = None
+    warmup: Optional[int] = None
+
+    def targets(self) -> List[Target]:
+        if self.target is None:
+            return []
+        return [self.target] if isinstance(self.target[0], str) else list(self.target)
 
 
 def optional_import(module: str):
@@ -292,6 +308,290 @@ def lu_linear_setup(dim: int, batch: int, inverse: bool = False) -> Callable[[],
     return setup
 
 
+# --- Masked autoregressive flows (MAF) --------------------------------------
+#
+# The MADE layouts differ between libraries (degree assignments, masks, output
+# interleaving), so parameters cannot be copied and outputs cannot be compared
+# with ``same``. Instead, before timing:
+#
+# * ours: the fast sequential direction (``MADE.invert``) agrees with the naive
+#   reference (``MADE.invert_reference``) layer by layer, and round-trips;
+# * every contestant has the same architecture: L layers, each a MADE with
+#   the same weight shapes (D -> H1 -> H2 -> 2D), on the same D and batch;
+# * every contestant really does what its column claims: its sampler is its
+#   flow's inverse (a round trip through its one-pass direction gives the
+#   noise back) and makes D network passes per layer (ours: none, one
+#   ``MADE.invert`` per layer); its log_prob makes one pass per layer and
+#   equals base log-density plus log|det| of the autograd Jacobian.
+#
+# Pyro's AffineAutoregressive is an IAF (its ``_call`` is the one-pass
+# direction); "pyro used as a MAF" samples with ``_inverse``, its loop of D
+# full passes, and scores with ``_call``.
+
+
+def _made_shapes(net: torch.nn.Module) -> List[Tuple[int, ...]]:
+    """The weight shapes of a peer's masked MLP, in order."""
+    return [tuple(m.weight.shape) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+
+
+class _CountCalls:
+    """Count forward calls of some modules (forward hooks) while active."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        self.modules, self.count, self.handles = list(modules), 0, []
+
+    def _hook(self, *args) -> None:
+        self.count += 1
+
+    def __enter__(self) -> "_CountCalls":
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _expect(what: str, got, expected) -> None:
+    if got != expected:
+        raise Mismatch(f"{what}: expected {expected}, got {got}")
+
+
+class _MafContestants:
+    """The four 5-layer MAFs of one size, with their checks."""
+
+    def __init__(self, dim: int, hidden: Tuple[int, int], layers: int):
+        import pyro.distributions as pdist
+        from pyro.distributions.transforms import AffineAutoregressive
+        from pyro.nn import AutoRegressiveNN
+
+        from pyro_nflows.registry import build_flow
+
+        self.dim, self.hidden, self.layers = dim, hidden, layers
+        self.shapes = [[(hidden[0], dim), (hidden[1], hidden[0]), (2 * dim, hidden[1])]] * layers
+        spec = f"maf:{layers}(hidden_dims=({hidden[0]}, {hidden[1]}))"
+        self.ours = build_flow(spec, dim)  # alternating natural / reversed orderings
+        self.ours_module = torch.nn.ModuleList(self.ours)
+        randomize_(self.ours_module, scale=0.1)  # off the near-identity start, so the checks mean something
+        _expect("ours: layer shapes", [[tuple(w.shape) for w in t.made.weights] for t in self.ours], self.shapes)
+        base = pdist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+        self.ours_dist = pdist.TransformedDistribution(base, self.ours)
+        self._check_ours()
+
+        # Pyro: what affine_autoregressive(dim, hidden_dims=[...]) builds, with
+        # the orderings alternating like ours (the ordering does not change
+        # the cost; affine_autoregressive would draw a random one).
+        orders = [torch.arange(dim), torch.arange(dim - 1, -1, -1)]
+        self.pyro = [
+            AffineAutoregressive(AutoRegressiveNN(dim, list(hidden), permutation=orders[i % 2])) for i in range(layers)
+        ]
+        self.pyro_module = torch.nn.ModuleList(self.pyro)
+        self.pyro_base = base
+        _expect("pyro: layer shapes", [_made_shapes(t.arn) for t in self.pyro], self.shapes)
+
+    # -- ours ------------------------------------------------------------------
+
+    def _check_ours(self) -> None:
+        z = torch.randn(8, self.dim)
+        for index, t in enumerate(self.ours):
+            def step(z_i, theta_i, t=t):
+                return t.elementwise.forward(z_i, theta_i)[0]
+
+            with torch.no_grad():
+                fast = t._call(z)
+                same(fast, t.made.invert_reference(z, step), f"ours layer {index}: MADE.invert vs invert_reference")
+                same(t._inverse(fast), z, f"ours layer {index}: _inverse(_call(z)) round trip")
+        # Sampling: no full network pass, one MADE.invert per layer.
+        calls = []
+        for t in self.ours:
+            t.made.invert = (lambda f: lambda *a, **k: (calls.append(1), f(*a, **k))[1])(t.made.invert)
+        try:
+            with _CountCalls([t.made for t in self.ours]) as passes:
+                x = self.ours_dist.sample((4,))
+        finally:
+            for t in self.ours:
+                del t.made.invert
+        _expect("ours: network passes while sampling", passes.count, 0)
+        _expect("ours: MADE.invert calls while sampling", len(calls), self.layers)
+        _expect("ours: sample built a graph (not under no_grad)", x.requires_grad, False)
+
+    # -- peers -----------------------------------------------------------------
+
+    def zuko(self):
+        zf = optional_import("zuko.flows")
+        flow = zf.MAF(self.dim, transforms=self.layers, hidden_features=self.hidden)
+        hypers = [t.hyper for t in flow.transform.transforms]
+        _expect("zuko: layer shapes", [_made_shapes(h) for h in hypers], self.shapes)
+        return flow, hypers
+
+    def nflows(self):
+        nf = optional_import("nflows.flows")
+        flow = nf.MaskedAutoregressiveFlow(
+            self.dim, self.hidden[0], num_layers=self.layers, num_blocks_per_layer=1, use_residual_blocks=False
+        )
+        if self.hidden[0] != self.hidden[1]:
+            raise Unavailable("nflows' MADE has one hidden width")
+        nets = [m.autoregressive_net for m in flow._transform._transforms if hasattr(m, "autoregressive_net")]
+        _expect("nflows: layer shapes", [_made_shapes(n) for n in nets], self.shapes)
+        return flow, nets
+
+    def check_sampler(self, name: str, sample: Callable[[int], torch.Tensor], to_noise, nets) -> None:
+        """``sample(n)`` draws n samples with D passes per layer, and they are
+        the flow's inverse of the noise (``to_noise`` maps them back)."""
+        torch.manual_seed(1)
+        with _CountCalls(nets) as passes:
+            x = sample(4)
+        _expect(f"{name}: network passes while sampling", passes.count, self.dim * self.layers)
+        _expect(f"{name}: sample shape", tuple(x.shape), (4, self.dim))
+        _expect(f"{name}: sample built a graph (not under no_grad)", x.requires_grad, False)
+        torch.manual_seed(1)
+        z = torch.randn(4, self.dim)  # the same draws (all bases here are a standard normal)
+        with torch.no_grad():
+            same(to_noise(x), z, f"{name}: sample maps back to its noise", atol=1e-3, rtol=1e-3)
+
+    def check_density(
+        self, name: str, log_prob: Callable, to_noise: Callable, nets, passes_expected: int, module: torch.nn.Module
+    ) -> None:
+        """``log_prob`` makes ``passes_expected`` network passes and equals the
+        change of variables with an autograd Jacobian (checked in float64 on
+        ``module``, then put back to float32)."""
+        x = torch.randn(3, self.dim, dtype=torch.float64)
+        with _CountCalls(nets) as passes:
+            log_prob(torch.randn(4, self.dim))
+        _expect(f"{name}: network passes in log_prob", passes.count, passes_expected)
+        module.double()
+        try:
+            got = log_prob(x)
+            for i in range(x.shape[0]):
+                jacobian = torch.autograd.functional.jacobian(lambda v: to_noise(v[None])[0], x[i])
+                z = to_noise(x[i : i + 1])[0]
+                normal = -0.5 * (z.square().sum() + self.dim * torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype)))
+                expected = normal + torch.linalg.slogdet(jacobian)[1]
+                same(got[i], expected, f"{name}: log_prob vs change of variables", atol=1e-6, rtol=1e-6)
+        finally:
+            module.float()
+
+
+def _nll_step(params: Sequence[torch.nn.Parameter], log_prob: Callable[[], torch.Tensor]) -> Step:
+    """One training step: zero grads, ``-log_prob().mean()``, backward."""
+    params = [p for p in params if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        (-log_prob().mean()).backward()
+
+    return step
+
+
+def maf_sample_setup(
+    dim: int, hidden: Tuple[int, int], layers: int, batch: int, skip: Optional[Dict[str, str]] = None
+) -> Callable[[], Contestants]:
+    """``skip``: peer -> why it is left out (printed in the notes)."""
+    skip = dict(skip or {})
+
+    def setup() -> Contestants:
+        m = _MafContestants(dim, hidden, layers)
+
+        def ours() -> None:
+            m.ours_dist.sample((batch,))  # base sample, then each layer's _call (MADE.invert), under no_grad
+
+        def pyro_step() -> Step:
+            def sample(n):
+                with torch.no_grad():
+                    x = m.pyro_base.sample((n,))
+                    for t in reversed(m.pyro):
+                        x = t._inverse(x)  # the per-dimension loop: D passes of t.arn
+                    return x
+
+            def to_noise(x):
+                for t in m.pyro:
+                    x = t._call(x)
+                return x
+
+            m.check_sampler("pyro", sample, to_noise, [t.arn for t in m.pyro])
+            return lambda: sample(batch)
+
+        def zuko_step() -> Step:
+            flow, hypers = m.zuko()
+
+            def sample(n):
+                return flow().sample((n,))  # torch's sample: rsample under no_grad; rsample = transform.inv(z)
+
+            m.check_sampler("zuko", sample, lambda x: flow().transform(x), hypers)
+            return lambda: sample(batch)
+
+        def nflows_step() -> Step:
+            flow, nets = m.nflows()
+
+            def sample(n):
+                with torch.no_grad():
+                    return flow.sample(n)  # Flow._sample: transform.inverse(noise)
+
+            m.check_sampler("nflows", sample, lambda x: flow._transform(x)[0], nets)
+            return lambda: sample(batch)
+
+        builders = {"pyro": pyro_step, "zuko": zuko_step, "nflows": nflows_step}
+        peers = peer_steps(**{p: b for p, b in builders.items() if p not in skip})
+        return Contestants(ours=ours, peers={**peers, **skip})
+
+    return setup
+
+
+def maf_log_prob_setup(dim: int, hidden: Tuple[int, int], layers: int, batch: int) -> Callable[[], Contestants]:
+    def setup() -> Contestants:
+        m = _MafContestants(dim, hidden, layers)
+        x = torch.randn(batch, dim)
+
+        def ours_to_noise(v):
+            for t in reversed(m.ours):
+                v = t._inverse(v)
+            return v
+
+        # Pyro's TransformedDistribution.log_prob: per layer, inv then
+        # log_abs_det_jacobian, which takes the log-det that inv computed in
+        # the same MADE pass: one pass per layer (two would mean the hand-over
+        # in FlowTransform broke, and the case stops with an error).
+        m.check_density("ours", m.ours_dist.log_prob, ours_to_noise, [t.made for t in m.ours], layers, m.ours_module)
+
+        def pyro_step() -> Step:
+            def log_prob(v):
+                # Pyro as a MAF scores with _call (one pass); its log-det is the
+                # log-scale that _call caches (what log_abs_det_jacobian returns
+                # after __call__; going through __call__ would hit the cache
+                # with the same x on every timed call).
+                ladj = 0
+                for t in m.pyro:
+                    v = t._call(v)
+                    ladj = ladj + t._cached_log_scale.sum(-1)
+                return m.pyro_base.log_prob(v) + ladj
+
+            def to_noise(v):
+                for t in m.pyro:
+                    v = t._call(v)
+                return v
+
+            m.check_density("pyro", log_prob, to_noise, [t.arn for t in m.pyro], layers, m.pyro_module)
+            return _nll_step(list(m.pyro_module.parameters()), lambda: log_prob(x))
+
+        def zuko_step() -> Step:
+            flow, hypers = m.zuko()
+            m.check_density("zuko", lambda v: flow().log_prob(v), lambda v: flow().transform(v), hypers, layers, flow)
+            return _nll_step(list(flow.parameters()), lambda: flow().log_prob(x))
+
+        def nflows_step() -> Step:
+            flow, nets = m.nflows()
+            m.check_density("nflows", flow.log_prob, lambda v: flow._transform(v)[0], nets, layers, flow)
+            return _nll_step(list(flow.parameters()), lambda: flow.log_prob(x))
+
+        return Contestants(
+            ours=_nll_step(list(m.ours_module.parameters()), lambda: m.ours_dist.log_prob(x)),
+            peers=peer_steps(pyro=pyro_step, zuko=zuko_step, nflows=nflows_step),
+        )
+
+    return setup
+
+
 B = 1024
 CASES: List[Case] = [
     Case("householder fwd+bwd D=64 B=1024 K=10", householder_setup(64, 10, B), target=("pyro", 3.0)),
@@ -301,6 +601,22 @@ CASES: List[Case] = [
     Case("qr_linear inv+bwd D=64 B=1024 K=64", qr_linear_setup(64, B, inverse=True)),
     Case("lu_linear fwd+bwd D=64 B=1024", lu_linear_setup(64, B)),
     Case("lu_linear inv+bwd D=64 B=1024", lu_linear_setup(64, B, inverse=True)),
+    Case(
+        "maf sample D=16 H=(64,64) L=5 B=1024",
+        maf_sample_setup(16, (64, 64), 5, B),
+        target=[("zuko", 5.0), ("pyro", 5.0)],
+    ),
+    Case(
+        "maf sample D=64 H=(256,256) L=5 B=1024",
+        # Every peer call takes seconds here: 3 rounds, and the calibration
+        # call is the only warm-up (a first call's extra cost is negligible).
+        maf_sample_setup(64, (256, 256), 5, B, skip={"nflows": "left out at this size to keep the run short (its sampler is the same D-passes loop: about a second a call)"}),
+        target=[("zuko", 10.0), ("pyro", 10.0)],
+        repeats=3,
+        warmup=0,
+    ),
+    Case("maf log_prob fwd+bwd D=16 H=(64,64) L=5 B=1024", maf_log_prob_setup(16, (64, 64), 5, B), target=("zuko", 1 / 1.1)),
+    Case("maf log_prob fwd+bwd D=64 H=(256,256) L=5 B=1024", maf_log_prob_setup(64, (256, 256), 5, B), target=("zuko", 1 / 1.1)),
 ]
 
 
@@ -334,6 +650,7 @@ class Timing:
     ratios: Dict[str, float]  # peer -> median paired ratio peer/ours
     spread: Dict[str, float]  # contestant -> relative interquartile range
     rounds: int
+    repeats: int = 0  # rounds asked for
 
 
 MIN_ROUNDS = 5
@@ -346,15 +663,16 @@ def measure(
     warmup: int,
     rng: random.Random,
     budget_s: float = float("inf"),
+    min_rounds: int = MIN_ROUNDS,
 ) -> Timing:
     """Time every step in ``repeats`` interleaved rounds; stop early (after at
-    least ``MIN_ROUNDS``) once the case has used ``budget_s`` seconds."""
+    least ``min_rounds``) once the case has used ``budget_s`` seconds."""
     start = time.perf_counter()
     numbers = {name: calibrate(step, sample_s, warmup) for name, step in steps.items()}
     samples: Dict[str, List[float]] = {name: [] for name in steps}
     order = list(steps)
     for done in range(repeats):
-        if done >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
+        if done >= min_rounds and time.perf_counter() - start > budget_s:
             break
         rng.shuffle(order)
         for name in order:
@@ -478,7 +796,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 steps[peer] = value
             elif isinstance(value, str):
                 reasons[peer] = value
-        timing = measure(steps, repeats, sample_s, warmup, rng, budget_s)
+        case_repeats = min(repeats, case.repeats or repeats)
+        case_warmup = min(warmup, warmup if case.warmup is None else case.warmup)
+        timing = measure(steps, case_repeats, sample_s, case_warmup, rng, budget_s, min(MIN_ROUNDS, case_repeats))
+        timing.repeats = case_repeats
         results.append((case, timing, reasons))
         for peer, reason in reasons.items():
             notes.append(f"{case.name}: {peer} {DASH} {reason}")
@@ -493,21 +814,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append([case.name, "not run"] + [DASH] * (2 * len(PEERS)) + [DASH, "ERROR"])
             continue
         target, result = DASH, ""
-        if case.target is not None:
-            peer, minimum = case.target
-            target = f"{peer} >= {minimum:g}x"
-            ratio = timing.ratios.get(peer)
-            targeted += 1
-            if ratio is None:
-                result = "n/a"
-            elif ratio >= minimum:
-                result, passed = "PASS", passed + 1
-            else:
-                result = "FAIL"
-                failures.append(
-                    f"{case.name}: {peer}/ours = {ratio:.2f}x, target {minimum:g}x "
-                    f"(missed by {100 * (1 - ratio / minimum):.0f}%)"
-                )
+        if case.targets():
+            target = ", ".join(f"{peer} >= {minimum:.3g}x" for peer, minimum in case.targets())
+            outcomes = []
+            for peer, minimum in case.targets():
+                ratio = timing.ratios.get(peer)
+                targeted += 1
+                if ratio is None:
+                    outcomes.append(f"n/a ({peer})")
+                elif ratio >= minimum:
+                    passed += 1
+                else:
+                    outcomes.append(f"FAIL ({peer})")
+                    failures.append(
+                        f"{case.name}: {peer}/ours = {ratio:.2f}x, target {minimum:.3g}x "
+                        f"(missed by {100 * (1 - ratio / minimum):.0f}%)"
+                    )
+            result = ", ".join(outcomes) or "PASS"
         rows.append(
             [case.name, _ms(timing.seconds["ours"])]
             + [_ms(timing.seconds.get(p)) for p in PEERS]
@@ -528,7 +851,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("Not run:")
         for note in notes:
             print(f"  {note}")
-    short = [f"{case.name}: {timing.rounds} of {repeats} rounds" for case, timing, _ in results if timing is not None and timing.rounds < repeats]
+    short = [
+        f"{case.name}: {timing.rounds} of {timing.repeats} rounds"
+        for case, timing, _ in results
+        if timing is not None and timing.rounds < timing.repeats
+    ]
+    capped = [f"{case.name}: {timing.repeats} rounds" for case, timing, _ in results if timing is not None and timing.repeats < repeats]
+    if capped:
+        print("Slow peers, rounds capped by the case (fewer rounds: ratios less certain):")
+        for line in capped:
+            print(f"  {line}")
     if short:
         print("Stopped early by the time budget (--budget):")
         for line in short:

@@ -2,9 +2,11 @@
 
 ::
 
-    pyro-nflows fit                          # two moons, the default flow
+    pyro-nflows fit                          # two moons, a 5-layer MAF; writes model.pt (+ model.png for 2-D data)
     pyro-nflows fit data.csv -o model.pt     # your own data (.csv or .npy)
-    pyro-nflows fit --dataset checkerboard --flow "actnorm+lu_linear+elementwise_spline:2" --layers 8
+    pyro-nflows fit --dataset checkerboard --flow nsf --layers 8
+    pyro-nflows sample model.pt -n 1000 -o samples.csv
+    pyro-nflows score model.pt data.csv      # mean log-likelihood per point (-o for each row's)
     pyro-nflows flows                        # the flows a --flow spec can name
 """
 
@@ -18,7 +20,7 @@ from typing import Sequence
 import torch
 
 from pyro_nflows import datasets
-from pyro_nflows.density import DEFAULT_FLOW, fit
+from pyro_nflows.density import DEFAULT_FLOW, PRESETS, DensityModel, fit, load
 from pyro_nflows.registry import available_flows
 
 __all__ = ["main"]
@@ -33,11 +35,13 @@ def _fit(args: argparse.Namespace) -> int:
         source = f"dataset {args.dataset!r}"
     train, validation, test = datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
     print(f"{source}: {len(data)} rows x {data.shape[1]} columns -> train {len(train)}, validation {len(validation)}, test {len(test)}")
-    print(f"flow: {args.layers} x ({args.flow})")
+    print(f"flow: {args.layers} x {args.flow}, normalization {args.normalization}")
     model = fit(
         train,
         flow=args.flow,
         num_layers=args.layers,
+        hidden_dims=args.hidden,
+        normalization=None if args.normalization == "none" else args.normalization,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -45,6 +49,7 @@ def _fit(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         progress=not args.no_progress,
+        checkpoint=args.checkpoint,
     )
     with torch.no_grad():
         train_ll = model.log_prob(train).mean().item()
@@ -54,6 +59,76 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"test  log-likelihood per point: {test_ll:.4f} nats")
     model.save(args.output)
     print(f"model written to {args.output}")
+    if data.shape[1] == 2:
+        picture = args.output.with_suffix(".png")
+        _plot_2d(model, test if len(test) >= 500 else data, picture)
+        print(f"picture of the data and the learned density written to {picture}")
+    return 0
+
+
+def _plot_2d(model: DensityModel, data: torch.Tensor, path: Path) -> None:
+    """Data, learned density and model samples side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low, high = data.min(0).values, data.max(0).values
+    margin = 0.1 * (high - low)
+    low, high = low - margin, high + margin
+    xs, ys = (torch.linspace(low[i].item(), high[i].item(), 200) for i in range(2))
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        density = model.log_prob(grid).exp().reshape(200, 200)
+        samples = model.sample(len(data))
+    extent = (low[0].item(), high[0].item(), low[1].item(), high[1].item())
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
+    for axis, points, title in [(axes[0], data, "data"), (axes[2], samples, "samples from the model")]:
+        axis.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5)
+        axis.set_title(title)
+    axes[1].imshow(density.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis")
+    axes[1].set_title("learned density")
+    for axis in axes:
+        axis.set_xlim(extent[:2])
+        axis.set_ylim(extent[2:])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _write_array(values: torch.Tensor, path: Path) -> None:
+    import numpy as np
+
+    array = values.detach().cpu().numpy()
+    if path.suffix == ".npy":
+        np.save(path, array)
+    elif path.suffix == ".csv":
+        np.savetxt(path, array.reshape(len(array), -1), delimiter=",")
+    else:
+        raise ValueError(f"cannot write {path}: use a .csv or .npy file name")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    model = load(args.model)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    samples = model.sample(args.n)
+    _write_array(samples, args.output)
+    print(f"{args.n} samples of dimension {samples.shape[1]} written to {args.output}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    model = load(args.model)
+    data = datasets.load_array(args.file)
+    if data.shape[1] != model.input_dim:
+        raise ValueError(f"{args.file} has {data.shape[1]} columns; the model was fitted to {model.input_dim}")
+    with torch.no_grad():
+        scores = torch.cat([model.log_prob(chunk) for chunk in data.split(4096)])
+    print(f"mean log-likelihood per point: {scores.mean().item():.4f} nats over {len(data)} rows")
+    if args.output is not None:
+        _write_array(scores, args.output)
+        print(f"per-row log-likelihoods written to {args.output}")
     return 0
 
 
@@ -70,16 +145,36 @@ def _parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("file", nargs="?", type=Path, help="a .csv or .npy file of rows (default: a built-in dataset)")
     fit_parser.add_argument("--dataset", default="two_moons", choices=sorted(datasets.DATASETS), help="built-in dataset (default: two_moons)")
     fit_parser.add_argument("--n", type=int, default=None, help="rows to generate for a built-in dataset")
-    fit_parser.add_argument("--flow", default=DEFAULT_FLOW, help=f"spec of one layer (default: {DEFAULT_FLOW}); see `pyro-nflows flows`")
+    fit_parser.add_argument(
+        "--flow",
+        default=DEFAULT_FLOW,
+        help=f"{', '.join(PRESETS)} or the spec of one layer (default: {DEFAULT_FLOW}); see `pyro-nflows flows`",
+    )
     fit_parser.add_argument("--layers", type=int, default=5, help="number of stacked layers (default: 5)")
+    fit_parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths of the presets' networks")
+    fit_parser.add_argument("--normalization", default="actnorm", choices=["actnorm", "batchnorm", "none"])
     fit_parser.add_argument("--epochs", type=int, default=40, help="maximum epochs (default: 40)")
     fit_parser.add_argument("--batch-size", type=int, default=256)
     fit_parser.add_argument("--lr", type=float, default=3e-3)
     fit_parser.add_argument("--patience", type=int, default=10, help="epochs without improvement before stopping")
     fit_parser.add_argument("--seed", type=int, default=0)
     fit_parser.add_argument("-o", "--output", type=Path, default=Path("model.pt"), help="where to write the model (default: model.pt)")
+    fit_parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file: written every epoch, resumed from if present")
     fit_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     fit_parser.set_defaults(run=_fit)
+
+    sample_parser = commands.add_parser("sample", help="draw samples from a saved model")
+    sample_parser.add_argument("model", type=Path)
+    sample_parser.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
+    sample_parser.add_argument("-o", "--output", type=Path, default=Path("samples.csv"), help=".csv or .npy (default: samples.csv)")
+    sample_parser.add_argument("--seed", type=int, default=None)
+    sample_parser.set_defaults(run=_sample)
+
+    score_parser = commands.add_parser("score", help="log-likelihood of the rows of a file under a saved model")
+    score_parser.add_argument("model", type=Path)
+    score_parser.add_argument("file", type=Path, help="a .csv or .npy file of rows")
+    score_parser.add_argument("-o", "--output", type=Path, default=None, help="write each row's log-likelihood (.csv or .npy)")
+    score_parser.set_defaults(run=_score)
 
     flows_parser = commands.add_parser("flows", help="list the flows a spec can name")
     flows_parser.set_defaults(run=_flows)

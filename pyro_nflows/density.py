@@ -1,14 +1,17 @@
 """Density estimation in one call: ``fit(data)`` returns a :class:`DensityModel`.
 
 A :class:`DensityModel` is a standard normal base, a stack of flow layers
-built from a spec (see :mod:`pyro_nflows.registry`) repeated ``num_layers``
-times, and a fixed standardisation ``x = loc + scale * z`` fitted to the
-training data. The standardisation's log-determinant is part of
+built from a spec (see :mod:`pyro_nflows.registry`; the presets ``"maf"``,
+``"nsf"`` and ``"realnvp"`` name the usual ones) repeated ``num_layers`` times
+with a normalisation layer between repeats, and a fixed standardisation
+``x = loc + scale * z`` fitted to the training data. The standardisation's log-determinant is part of
 :meth:`DensityModel.log_prob`, so densities are in the data's own units.
 
 ``save`` writes one file holding the configuration as JSON text and the
 weights as tensors; ``load`` reads it with ``torch.load(weights_only=True)``,
-so loading never unpickles arbitrary objects.
+so loading never unpickles arbitrary objects. ``fit(..., checkpoint=path)``
+writes a checkpoint after every epoch (atomically) and, when the file is
+already there, resumes from it: an interrupted run loses at most one epoch.
 """
 
 from __future__ import annotations
@@ -16,27 +19,34 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.distributions.transforms import BatchNorm
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 from tqdm.auto import tqdm
 
 from pyro_nflows.registry import build_flow
+from pyro_nflows.transforms.elementwise import ActNorm
 from pyro_nflows.validation import check_count
 
-__all__ = ["DEFAULT_FLOW", "DensityModel", "FitHistory", "check_data", "fit", "load"]
+__all__ = ["DEFAULT_FLOW", "PRESETS", "DensityModel", "FitHistory", "check_data", "fit", "load"]
 
-# One layer of the default stack: a normalisation, a full-rank linear map and
-# a per-coordinate spline. (The autoregressive and coupling flows will take
-# over as the default once they exist.)
-DEFAULT_FLOW = "actnorm+lu_linear+elementwise_spline"
+# Names for the usual stacks; any other registry spec is used as written.
+PRESETS = {
+    "maf": "maf",  # Papamakarios et al. 2017: affine MADE layers, alternating orderings
+    "nsf": "spline_autoregressive",  # Durkan et al. 2019: autoregressive rational-quadratic splines
+    "realnvp": "affine_coupling",  # Dinh et al. 2017: affine couplings, alternating halves
+}
+DEFAULT_FLOW = "maf"
+NORMALIZATIONS = ("actnorm", "batchnorm", None)
 FORMAT_VERSION = 1
 
 
@@ -70,22 +80,68 @@ def check_data(data, name: str = "data", min_rows: int = 2) -> torch.Tensor:
     return tensor
 
 
+def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalization) -> list:
+    """``num_layers`` repeats of the layer ``flow`` names, normalised between repeats."""
+    if flow in PRESETS:
+        spec = PRESETS[flow] if hidden_dims is None else f"{PRESETS[flow]}(hidden_dims={tuple(hidden_dims)})"
+    elif hidden_dims is not None:
+        raise ValueError(
+            f"hidden_dims applies to the presets {sorted(PRESETS)}; in the spec {flow!r} give it as an "
+            "option of the layer that takes it, e.g. 'maf(hidden_dims=(64, 64))'"
+        )
+    else:
+        spec = flow
+    layers = build_flow(spec, input_dim, repeat=num_layers)
+    per_repeat = len(layers) // num_layers
+    stack = []
+    for index in range(num_layers):
+        if index > 0 and normalization == "actnorm":
+            stack.append(ActNorm(input_dim))
+        elif index > 0 and normalization == "batchnorm":
+            stack.append(BatchNorm(input_dim))
+        stack.extend(layers[index * per_repeat : (index + 1) * per_repeat])
+    return stack
+
+
 class DensityModel(nn.Module):
     """A normalizing-flow density on :math:`\\mathbb{R}^d`.
 
     :param input_dim: the data's dimension :math:`d`.
-    :param flow: the spec of one layer (e.g. ``"actnorm+lu_linear+elementwise_spline"``).
+    :param flow: ``"maf"``, ``"nsf"``, ``"realnvp"`` or the spec of one layer
+        (e.g. ``"lu_linear+elementwise_spline"``).
     :param num_layers: how many times the layer is stacked.
+    :param hidden_dims: hidden widths of the layers' networks (presets only;
+        in a spec write them as an option, ``maf(hidden_dims=(64, 64))``).
+    :param normalization: ``"actnorm"`` (default), ``"batchnorm"`` (Pyro's
+        :class:`~pyro.distributions.transforms.BatchNorm`, batch statistics
+        while training) or ``None``, between repeats of the layer.
 
     ``log_prob(x)`` scores points in the data's units, ``sample(n)`` draws
     ``n`` points, ``save(path)`` / :func:`load` store and restore it exactly.
     """
 
-    def __init__(self, input_dim: int, flow: str = DEFAULT_FLOW, num_layers: int = 5):
+    def __init__(
+        self,
+        input_dim: int,
+        flow: str = DEFAULT_FLOW,
+        num_layers: int = 5,
+        hidden_dims: Sequence[int] | None = None,
+        normalization: str | None = "actnorm",
+    ):
         super().__init__()
-        self.config = {"input_dim": input_dim, "flow": flow, "num_layers": check_count("num_layers", num_layers)}
-        layers = [layer for _ in range(num_layers) for layer in build_flow(flow, input_dim)]
-        self.layers = ComposeTransformModule(layers)
+        check_count("num_layers", num_layers)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if hidden_dims is not None:
+            hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
+        self.config = {
+            "input_dim": input_dim,
+            "flow": flow,
+            "num_layers": num_layers,
+            "hidden_dims": hidden_dims,
+            "normalization": normalization,
+        }
+        self.layers = ComposeTransformModule(_stack(input_dim, flow, num_layers, hidden_dims, normalization))
         self.register_buffer("loc", torch.zeros(input_dim))
         self.register_buffer("scale", torch.ones(input_dim))
 
@@ -160,10 +216,39 @@ def _mean_log_prob(model: DensityModel, data: torch.Tensor, batch_size: int) -> 
     return total / len(data)
 
 
+def _split(data: torch.Tensor, validation_data, validation_fraction: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if validation_data is not None:
+        validation = check_data(validation_data, "validation_data", min_rows=1)
+        if validation.shape[1] != data.shape[1]:
+            raise ValueError(f"validation_data has {validation.shape[1]} columns, data has {data.shape[1]}")
+        return data, validation
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
+    order = torch.randperm(len(data), generator=generator)
+    count = max(1, int(round(validation_fraction * len(data))))
+    if len(data) - count < 2:
+        raise ValueError(f"data has {len(data)} rows: too few to hold out {count} for validation and train on the rest")
+    return data[order[count:]], data[order[:count]]
+
+
+def _fingerprint(train: torch.Tensor, validation: torch.Tensor) -> str:
+    """Enough to tell that a checkpoint was made from other data."""
+    stats = [float(part.double().sum()) for part in (train, validation)]
+    return json.dumps([list(train.shape), list(validation.shape), stats])
+
+
+def _save_atomically(payload: dict, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
 def fit(
     data,
     flow: str = DEFAULT_FLOW,
     num_layers: int = 5,
+    hidden_dims: Sequence[int] | None = None,
+    normalization: str | None = "actnorm",
     epochs: int = 100,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -174,8 +259,15 @@ def fit(
     seed: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> DensityModel:
     """Fit a flow density to the rows of ``data`` (shape ``(n, d)``) by maximum likelihood.
+
+    :param flow: ``"maf"`` (default), ``"nsf"``, ``"realnvp"`` or any registry spec
+        of one layer; ``num_layers``, ``hidden_dims``, ``normalization`` as in
+        :class:`DensityModel`.
+    :param checkpoint: a file to write after every epoch; if it exists, training
+        resumes from it (the same data and settings are required).
 
     Holds out ``validation_fraction`` of the rows (or uses ``validation_data``),
     trains with Adam and a cosine learning-rate schedule, clips gradient norms
@@ -193,33 +285,60 @@ def fit(
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    if validation_data is None:
-        if not 0 < validation_fraction < 1:
-            raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
-        order = torch.randperm(len(data), generator=generator)
-        count = max(1, int(round(validation_fraction * len(data))))
-        if len(data) - count < 2:
-            raise ValueError(f"data has {len(data)} rows: too few to hold out {count} for validation and train on the rest")
-        train, validation = data[order[count:]], data[order[:count]]
-    else:
-        train, validation = data, check_data(validation_data, "validation_data", min_rows=1)
-        if validation.shape[1] != train.shape[1]:
-            raise ValueError(f"validation_data has {validation.shape[1]} columns, data has {train.shape[1]}")
+    train, validation = _split(data, validation_data, validation_fraction, generator)
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    model = DensityModel(train.shape[1], flow=flow, num_layers=num_layers).to(device)
+    model = DensityModel(train.shape[1], flow, num_layers, hidden_dims, normalization).to(device)
     train, validation = train.to(device, torch.float32), validation.to(device, torch.float32)
     model.set_standardisation(train)
-    with torch.no_grad():  # data-dependent initialisations (actnorm) see a full batch
+    with torch.no_grad():  # data-dependent initialisations (actnorm) see a large batch
         model.log_prob(train[torch.randperm(len(train), generator=generator)[: 4 * batch_size].to(device)])
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     history = FitHistory()
-    best_state, best_value, waited = copy.deepcopy(model.state_dict()), -math.inf, 0
+    best_state, best_value, waited, start = copy.deepcopy(model.state_dict()), -math.inf, 0, 0
+    settings = json.dumps({**model.config, "epochs": epochs, "batch_size": batch_size, "lr": lr})
+    fingerprint = _fingerprint(train, validation)
 
-    bar = tqdm(range(epochs), desc="fit", disable=not progress, unit="epoch")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        if saved.get("settings") != settings or saved.get("data") != fingerprint:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written for other data or settings; "
+                "delete it, or pass another checkpoint path, to start afresh"
+            )
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["generator"])
+        best_state, best_value, waited = saved["best_model"], saved["best_value"], saved["waited"]
+        history = FitHistory(**json.loads(saved["history"]))
+        start = len(history.validation)
+        if progress:
+            print(f"resuming from {checkpoint} after epoch {start}")
+
+    def save_checkpoint() -> None:
+        _save_atomically(
+            {
+                "settings": settings,
+                "data": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "best_model": best_state,
+                "best_value": best_value,
+                "waited": waited,
+                "history": json.dumps(asdict(history)),
+            },
+            checkpoint,
+        )
+
+    remaining = range(start, epochs) if not history.stopped else range(0)
+    bar = tqdm(remaining, desc="fit", disable=not progress, unit="epoch", initial=start, total=epochs)
     try:
         for epoch in bar:
             model.train()
@@ -246,17 +365,22 @@ def fit(
             bar.set_postfix(train=f"{history.train[-1]:.3f}", valid=f"{history.validation[-1]:.3f}", best=f"{best_value:.3f}")
             if waited >= patience:
                 history.stopped = f"early stop: no better validation log-likelihood for {patience} epochs"
+            elif epoch + 1 == epochs:
+                history.stopped = f"ran all {epochs} epochs"
+            if checkpoint is not None:
+                save_checkpoint()
+            if history.stopped:
                 break
-        else:
-            history.stopped = f"ran all {epochs} epochs"
     except KeyboardInterrupt:
         history.stopped = "interrupted"
-        warnings.warn("fit interrupted: returning the best model so far", RuntimeWarning, stacklevel=2)
+        where = f"; resume with fit(..., checkpoint={str(checkpoint)!r})" if checkpoint is not None else ""
+        warnings.warn(f"fit interrupted: returning the best model so far{where}", RuntimeWarning, stacklevel=2)
     except FloatingPointError as error:
         history.stopped = f"diverged: {error}"
         warnings.warn(f"fit stopped: {error}; returning the best model so far", RuntimeWarning, stacklevel=2)
     finally:
         bar.close()
     model.load_state_dict(best_state)
+    model.eval()
     model.history = history
     return model

@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pyro_nflows.transforms import elementwise, linear, permutation
+from pyro_nflows.transforms import autoregressive, coupling
+from pyro_nflows.transforms.planar import conditional_planar, planar
+from pyro_nflows.transforms.radial import conditional_radial, radial
+from pyro_nflows.transforms.sylvester import conditional_sylvester, layer_options, sylvester
 from pyro_nflows.validation import check_count, check_input_dim
 
 __all__ = ["FLOWS", "FlowEntry", "available_flows", "build_flow", "parse_spec"]
@@ -38,13 +42,16 @@ __all__ = ["FLOWS", "FlowEntry", "available_flows", "build_flow", "parse_spec"]
 class FlowEntry:
     """A flow family: its helper, its conditional helper (or ``None``), and
     what the ``N`` of ``name:N`` sets (``count``: a keyword of the helpers, or
-    ``None`` for "N stacked layers")."""
+    ``None`` for "N stacked layers"). ``per_layer(index, options)``, where
+    given, returns the options for layer ``index`` of a stack (say, to
+    alternate an orientation between layers)."""
 
     name: str
     build: Callable[..., Any]
     build_conditional: Callable[..., Any] | None
     summary: str
     count: str | None = None
+    per_layer: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
 
     def options(self, conditional: bool) -> list[str]:
         """The keyword options the helper takes besides the dimensions."""
@@ -87,6 +94,68 @@ FLOWS: dict[str, FlowEntry] = {
             "monotonic rational-quadratic spline per coordinate",
         ),
         FlowEntry("permute", permutation.random_permutation, None, "fixed random permutation of the coordinates"),
+        FlowEntry(
+            "planar",
+            planar,
+            conditional_planar,
+            "planar flow x + u tanh(w.x + b) (Rezende & Mohamed); inverse by bracketed Newton",
+        ),
+        FlowEntry(
+            "radial",
+            radial,
+            conditional_radial,
+            "radial flow x + beta (x - x0) / (alpha + |x - x0|) (Rezende & Mohamed); closed-form inverse",
+        ),
+        FlowEntry(
+            "sylvester",
+            sylvester,
+            conditional_sylvester,
+            "Sylvester flow x + Q R tanh(R~ Q^T x + b) (van den Berg et al.); kind = orthogonal, "
+            "householder or triangular; numerical inverse",
+            per_layer=layer_options,
+        ),
+        FlowEntry(
+            "affine_coupling",
+            coupling.affine_coupling,
+            coupling.conditional_affine_coupling,
+            "RealNVP affine coupling x_b exp(s(x_a)) + t(x_a), bounded log-scale; layers alternate reverse",
+            per_layer=coupling.coupling_layer_options,
+        ),
+        FlowEntry(
+            "additive_coupling",
+            coupling.additive_coupling,
+            coupling.conditional_additive_coupling,
+            "NICE additive coupling x_b + t(x_a) (volume preserving); layers alternate reverse",
+            per_layer=coupling.coupling_layer_options,
+        ),
+        FlowEntry(
+            "spline_coupling",
+            coupling.spline_coupling,
+            coupling.conditional_spline_coupling,
+            "neural spline coupling: rational-quadratic splines of x_b, knots from x_a; layers alternate reverse",
+            per_layer=coupling.coupling_layer_options,
+        ),
+        FlowEntry(
+            "maf",
+            autoregressive.maf,
+            autoregressive.conditional_maf,
+            "masked autoregressive flow (affine): one-pass scoring, fast sequential sampling; layers alternate ordering",
+            per_layer=autoregressive.alternate_ordering,
+        ),
+        FlowEntry(
+            "iaf",
+            autoregressive.iaf,
+            autoregressive.conditional_iaf,
+            "inverse autoregressive flow (affine, stable=True gated): one-pass sampling; layers alternate ordering",
+            per_layer=autoregressive.alternate_ordering,
+        ),
+        FlowEntry(
+            "spline_autoregressive",
+            autoregressive.spline_autoregressive,
+            autoregressive.conditional_spline_autoregressive,
+            "autoregressive rational-quadratic splines (direction maf or iaf); layers alternate ordering",
+            per_layer=autoregressive.alternate_ordering,
+        ),
     ]
 }
 
@@ -103,11 +172,28 @@ def _lookup(name: str) -> FlowEntry:
     return FLOWS[name]
 
 
-def _parse_value(text: str) -> Any:
+def _parse_options(text: str | None, spec: str) -> dict[str, Any]:
+    """``key=value, ...`` with Python literal values (a bare word is a string)."""
+    if text is None or not text.strip():
+        return {}
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        raise ValueError(f"in flow spec {spec!r}, options must read key=value, ..., got {text.strip()!r}")
+    options = {}
+    for keyword in call.keywords:
+        if isinstance(keyword.value, ast.Name):
+            options[keyword.arg] = keyword.value.id
+            continue
+        try:
+            options[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise ValueError(
+                f"in flow spec {spec!r}, the value of {keyword.arg!r} must be a Python literal or a bare word"
+            ) from None
+    return options
 
 
 def parse_spec(spec: str) -> list[tuple[FlowEntry, int | None, dict[str, Any]]]:
@@ -130,47 +216,55 @@ def parse_spec(spec: str) -> list[tuple[FlowEntry, int | None, dict[str, Any]]]:
             except ValueError:
                 raise ValueError(f"in flow spec {spec!r}, N must be an integer, got {match['count']!r}") from None
             check_count(f"N in {text.strip()!r}", count)
-        options = {}
-        if match["options"] and match["options"].strip():
-            for pair in match["options"].split(","):
-                key, sep, value = pair.partition("=")
-                if not sep or not key.strip():
-                    raise ValueError(f"in flow spec {spec!r}, options must read key=value, got {pair.strip()!r}")
-                options[key.strip()] = _parse_value(value.strip())
+        options = _parse_options(match["options"], spec)
         items.append((entry, count, options))
     return items
 
 
-def build_flow(spec: str, input_dim: int, context_dim: int | None = None) -> list:
+def build_flow(spec: str, input_dim: int, context_dim: int | None = None, repeat: int = 1) -> list:
     """Build the transforms a spec names, for events of size ``input_dim``.
 
     With ``context_dim``, families that have a conditional version are built
-    conditional on a context of that width.
+    conditional on a context of that width. ``repeat`` stacks the whole spec
+    that many times; a family's layers are counted across the repeats, so
+    per-layer alternations (orderings, coupling halves) carry on from one
+    repeat to the next.
 
     >>> [type(t).__name__ for t in build_flow("householder:4+lu_linear:2", 5)]
     ['Householder', 'LULinear', 'LULinear']
     """
     check_input_dim(input_dim)
+    check_count("repeat", repeat)
     if context_dim is not None:
         check_count("context_dim", context_dim)
+    items = parse_spec(spec)
     transforms = []
-    for entry, count, options in parse_spec(spec):
-        conditional = context_dim is not None and entry.build_conditional is not None
-        allowed = entry.options(conditional)
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"flow {entry.name!r} takes no option {unknown}; its options are {allowed}")
-        layers = 1
-        if count is not None:
-            if entry.count is None:
-                layers = count
-            else:
-                options[entry.count] = count
-        for _ in range(layers):
-            if conditional:
-                transforms.append(entry.build_conditional(input_dim, context_dim, **options))
-            else:
-                transforms.append(entry.build(input_dim, **options))
+    for round_index in range(repeat):
+        for entry, count, options in items:
+            transforms.extend(_build_item(entry, count, dict(options), input_dim, context_dim, round_index))
+    return transforms
+
+
+def _build_item(entry: FlowEntry, count, options: dict, input_dim: int, context_dim, round_index: int) -> list:
+    """The layers of one spec item, in repeat number ``round_index``."""
+    conditional = context_dim is not None and entry.build_conditional is not None
+    allowed = entry.options(conditional)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"flow {entry.name!r} takes no option {unknown}; its options are {allowed}")
+    layers = 1
+    if count is not None:
+        if entry.count is None:
+            layers = count
+        else:
+            options[entry.count] = count
+    transforms = []
+    for index in range(round_index * layers, (round_index + 1) * layers):
+        layer = entry.per_layer(index, dict(options)) if entry.per_layer else options
+        if conditional:
+            transforms.append(entry.build_conditional(input_dim, context_dim, **layer))
+        else:
+            transforms.append(entry.build(input_dim, **layer))
     return transforms
 
 

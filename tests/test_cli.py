@@ -34,3 +34,32 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 def test_flows_lists_the_registry(capsys):
     assert main(["flows"]) == 0
     assert "householder" in capsys.readouterr().out
+
+
+def test_fit_writes_a_picture_for_2d_data_then_sample_and_score(tmp_path, capsys):
+    output = tmp_path / "moons.pt"
+    assert main(["fit", "--n", "600", "--epochs", "1", "--layers", "1", "--hidden", "8", "8", "--no-progress", "-o", str(output)]) == 0
+    picture = output.with_suffix(".png")
+    assert picture.exists() and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    samples = tmp_path / "samples.npy"
+    assert main(["sample", str(output), "-n", "50", "-o", str(samples), "--seed", "1"]) == 0
+    drawn = np.load(samples)
+    assert drawn.shape == (50, 2) and np.isfinite(drawn).all()
+
+    scores = tmp_path / "scores.csv"
+    capsys.readouterr()
+    assert main(["score", str(output), str(samples), "-o", str(scores)]) == 0
+    printed = capsys.readouterr().out
+    expected = load(output).log_prob(torch.as_tensor(drawn, dtype=torch.float32))
+    assert f"{expected.mean().item():.4f}" in printed
+    assert np.allclose(np.loadtxt(scores, delimiter=","), expected.detach().numpy(), atol=1e-5)
+
+
+def test_score_refuses_a_file_of_the_wrong_width(tmp_path, capsys):
+    output = tmp_path / "m.pt"
+    main(["fit", "--n", "300", "--epochs", "1", "--layers", "1", "--no-progress", "-o", str(output)])
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((4, 3)))
+    assert main(["score", str(output), str(wide)]) == 2
+    assert "has 3 columns; the model was fitted to 2" in capsys.readouterr().err

@@ -111,3 +111,52 @@ def test_log_prob_checks_the_width():
     model = DensityModel(2, num_layers=1)
     with pytest.raises(ValueError, match="last dimension is 2"):
         model.log_prob(torch.randn(3, 3))
+
+
+def test_presets_normalization_and_hidden_dims():
+    model = DensityModel(3, "nsf", num_layers=3, hidden_dims=[8, 8], normalization="actnorm")
+    names = [type(t).__name__ for t in model.layers]
+    assert names == ["MaskedAutoregressive", "ActNorm"] * 2 + ["MaskedAutoregressive"]
+    assert [t.made.order.tolist() for t in model.layers[::2]] == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+    assert model.layers[0].made.weights[0].shape == (8, 3)
+    realnvp = DensityModel(4, "realnvp", num_layers=2, normalization="batchnorm")
+    assert [type(t).__name__ for t in realnvp.layers] == ["AffineCoupling", "BatchNorm", "AffineCoupling"]
+    with pytest.raises(ValueError, match="hidden_dims applies to the presets"):
+        DensityModel(3, "lu_linear", hidden_dims=[8])
+    with pytest.raises(ValueError, match="normalization"):
+        DensityModel(3, normalization="layernorm")
+
+
+def test_an_interrupted_fit_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    data = _gaussian_data(n=300)
+    settings = dict(num_layers=1, epochs=6, batch_size=64, patience=100, seed=0, progress=False)
+    uninterrupted = fit(data, **settings)
+
+    checkpoint = tmp_path / "run.ckpt"
+    calls = {"count": 0}
+    original = DensityModel.log_prob
+
+    def interrupt_in_epoch_four(self, x):
+        calls["count"] += 1
+        if self.training and calls["count"] > 3 * 5 + 2:  # 5 batches and a validation pass per epoch
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(DensityModel, "log_prob", interrupt_in_epoch_four)
+    with pytest.warns(RuntimeWarning, match="resume with fit"):
+        interrupted = fit(data, checkpoint=checkpoint, **settings)
+    monkeypatch.undo()
+    assert interrupted.history.stopped == "interrupted"
+    assert checkpoint.exists() and 1 <= len(interrupted.history.validation) < 6
+
+    resumed = fit(data, checkpoint=checkpoint, **settings)
+    assert resumed.history.validation == pytest.approx(uninterrupted.history.validation, abs=1e-5)
+    points = _gaussian_data(n=20, seed=5)
+    assert torch.allclose(resumed.log_prob(points), uninterrupted.log_prob(points), atol=1e-5)
+
+
+def test_a_checkpoint_from_other_data_is_refused(tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    fit(_gaussian_data(n=100), num_layers=1, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="written for other data or settings"):
+        fit(_gaussian_data(n=100, seed=3), num_layers=1, epochs=1, seed=0, progress=False, checkpoint=checkpoint)

@@ -21,14 +21,7 @@ from pyro_nflows.transforms import (
 from pyro_nflows.transforms.linear import reflect
 
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
+pytestmark = pytest.mark.usefixtures("float64")
 
 def _explicit_product(vectors):
     """H_K ... H_1 as a dense matrix, one reflection at a time."""

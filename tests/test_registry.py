@@ -61,3 +61,21 @@ def test_available_flows_lists_every_entry():
     table = available_flows()
     for name in FLOWS:
         assert name in table
+
+
+def test_per_layer_options_alternate_sylvester_triangular_layers():
+    layers = build_flow("sylvester:3(kind=triangular)", 4)
+    assert [layer.reverse for layer in layers] == [False, True, False]
+    layers = build_flow("sylvester:2(kind='triangular', reverse=True)", 4, context_dim=2)
+    assert [layer.reverse for layer in layers] == [True, False]
+    # Kinds without an orientation get their options unchanged.
+    assert [layer.kind for layer in build_flow("sylvester:2(kind=householder)", 4)] == ["householder"] * 2
+
+
+def test_repeat_continues_per_layer_alternation():
+    layers = build_flow("actnorm+maf", 3, repeat=4)
+    assert [type(t).__name__ for t in layers] == ["ActNorm", "MaskedAutoregressive"] * 4
+    orders = [t.made.order.tolist() for t in layers[1::2]]
+    assert orders == [[0, 1, 2], [2, 1, 0], [0, 1, 2], [2, 1, 0]]
+    with pytest.raises(ValueError, match="repeat"):
+        build_flow("maf", 3, repeat=0)

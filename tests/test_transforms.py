@@ -18,6 +18,17 @@ EXTRA_OPTIONS = {
     "convex_triangular_linear": [{"count_matrices": 2}, {"count_matrices": 6}],
     "qr_linear": [{"count_reflections": 2}],
     "elementwise_spline": [{"count_bins": 4, "bound": 1.0}],
+    "sylvester": [
+        {"num_ortho_vectors": 1},  # default is orthogonal with M = ceil(D/2); also M = 1 and M = D
+        {"num_ortho_vectors": 5},
+        {"kind": "householder"},
+        {"kind": "householder", "num_householder": 2},
+        {"kind": "triangular"},
+        {"kind": "triangular", "reverse": True},
+    ],
+    "affine_coupling": [{"split_dim": 1}, {"split_dim": 4, "reverse": True}, {"log_scale_bound": 1.0}],
+    "additive_coupling": [{"split_dim": 4}, {"reverse": True}],
+    "spline_coupling": [{"count_bins": 4, "bound": 1.0}, {"split_dim": 1, "reverse": True}],
 }
 # Flows with nothing to learn (the shared check asserts they indeed have no parameters).
 PARAMETER_FREE = {"permute"}

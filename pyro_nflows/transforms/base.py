@@ -46,16 +46,30 @@ def resolve(value):
 
 
 class FlowTransform(Transform):
-    """Base class of the package's vector transforms (``event_dim = 1``).
+    r"""Base class of the package's vector transforms (``event_dim = 1``).
 
     Subclasses implement ``_call``, ``_inverse`` and ``log_abs_det_jacobian`` and
     set ``self.input_dim``. This class validates the event size of every input
     and keeps a cache that is invalidated by any in-place change of a parameter.
+
+    A transform whose log-determinant falls out of a direction's own
+    computation (a coupling layer, a MAF scoring data) may also define
+    ``_call_and_log_det(x) -> (y, log_det)`` and/or
+    ``_inverse_and_log_det(y) -> (x, log_det)``, ``log_det`` being
+    :math:`\log|\det \partial y / \partial x|`. The public calls then use
+    it and hand the log-determinant over, once, to the next
+    ``log_abs_det_jacobian(x, y)`` for exactly that pair (the subclass asks
+    :meth:`_take_log_det` first), so that ``TransformedDistribution.log_prob``
+    runs the network once instead of twice. The hand-over is keyed like the
+    cache (tensor identity and parameter versions) and used at most once, so
+    it never returns a stale value, nor one whose graph a ``backward`` freed.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    _call_and_log_det = None
+    _inverse_and_log_det = None
 
     def __init__(self, *args, cache_size: int = 1, **kwargs):
         # Extra arguments go on along the MRO (see PermuteModule, which mixes
@@ -63,6 +77,7 @@ class FlowTransform(Transform):
         super().__init__(*args, cache_size=cache_size, **kwargs)
         self._cached_versions = None
         self._cached_forward = None
+        self._handoff = None
 
     def _parameter_versions(self) -> tuple:
         parameters = getattr(self, "parameters", None)
@@ -73,29 +88,45 @@ class FlowTransform(Transform):
     def _check(self, x: torch.Tensor, what: str) -> None:
         check_event(x, self.input_dim, type(self).__name__, what)
 
-    def _cached(self, value: torch.Tensor, compute: Callable, forward: bool) -> torch.Tensor:
-        if self._cache_size == 0:
-            return compute(value)
+    def _cached(self, value: torch.Tensor, forward: bool) -> torch.Tensor:
         versions = self._parameter_versions()
-        if versions == self._cached_versions and self._cached_forward is not forward:
+        if self._cache_size and versions == self._cached_versions and self._cached_forward is not forward:
             x_old, y_old = self._cached_x_y
             if forward and value is x_old:
                 return y_old
             if not forward and value is y_old:
                 return x_old
-        result = compute(value)
-        self._cached_x_y = (value, result) if forward else (result, value)
-        self._cached_forward = forward
-        self._cached_versions = versions
+        joint = self._call_and_log_det if forward else self._inverse_and_log_det
+        if joint is None:
+            result, log_det = (self._call if forward else self._inverse)(value), None
+        else:
+            result, log_det = joint(value)
+        pair = (value, result) if forward else (result, value)
+        self._handoff = None if log_det is None else (*pair, log_det, versions)
+        if self._cache_size:
+            self._cached_x_y = pair
+            self._cached_forward = forward
+            self._cached_versions = versions
         return result
+
+    def _take_log_det(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The log-determinant computed by the call that produced ``(x, y)``, if
+        that was the last call and no parameter has changed since; once."""
+        if self._handoff is None:
+            return None
+        x_old, y_old, log_det, versions = self._handoff
+        if x is x_old and y is y_old and versions == self._parameter_versions():
+            self._handoff = None
+            return log_det
+        return None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x, "input")
-        return self._cached(x, self._call, forward=True)
+        return self._cached(x, forward=True)
 
     def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
         self._check(y, "output")
-        return self._cached(y, self._inverse, forward=False)
+        return self._cached(y, forward=False)
 
     def with_cache(self, cache_size: int = 1) -> "FlowTransform":
         """Switch caching on (1) or off (0) in place and return ``self``.
@@ -109,6 +140,7 @@ class FlowTransform(Transform):
         self._cached_x_y = None, None
         self._cached_versions = None
         self._cached_forward = None
+        self._handoff = None
         return self
 
     def __getstate__(self):
@@ -119,6 +151,7 @@ class FlowTransform(Transform):
             state["_cached_x_y"] = None, None
         state["_cached_versions"] = None
         state["_cached_forward"] = None
+        state["_handoff"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -126,11 +159,13 @@ class FlowTransform(Transform):
 
 
 class ConditionalFlow(ConditionalTransformModule):
-    """Base class of the package's conditional transforms built on a context network.
+    """Base class of the package's conditional transforms.
 
-    It owns a :class:`~pyro_nflows.nn.ContextNet` mapping a context to tensors
-    of ``param_shapes``; subclasses implement ``_condition(*params)``,
-    returning the ``Conditioned<X>`` transform for those parameters.
+    With ``param_shapes``, it owns a :class:`~pyro_nflows.nn.ContextNet`
+    mapping a context to tensors of those shapes, and subclasses implement
+    ``_condition(*params)``, returning the ``Conditioned<X>`` transform for
+    those parameters. Without (flows whose own network reads the context, such
+    as a MADE), ``_condition(context)`` receives the context itself.
     ``condition(context)`` checks the context's width first, so a wrong one
     gets an error that names this flow.
     """
@@ -139,18 +174,22 @@ class ConditionalFlow(ConditionalTransformModule):
         self,
         input_dim: int,
         context_dim: int,
-        param_shapes: Sequence[tuple[int, ...]],
+        param_shapes: Sequence[tuple[int, ...]] | None = None,
         hidden_dims: Sequence[int] | None = None,
     ):
         super().__init__()
         self.input_dim = check_input_dim(input_dim)
         self.context_dim = check_count("context_dim", context_dim)
-        if hidden_dims is None:
-            hidden_dims = default_hidden_dims(input_dim, context_dim)
-        self.net = ContextNet(context_dim, hidden_dims, param_shapes)
+        self.net = None
+        if param_shapes is not None:
+            if hidden_dims is None:
+                hidden_dims = default_hidden_dims(input_dim, context_dim)
+            self.net = ContextNet(context_dim, hidden_dims, param_shapes)
 
     def condition(self, context: torch.Tensor) -> FlowTransform:
         check_event(context, self.context_dim, type(self).__name__, "context")
+        if self.net is None:
+            return self._condition(context)
         return self._condition(*self.net(context))
 
     def _condition(self, *params: torch.Tensor) -> FlowTransform:

@@ -5,8 +5,9 @@ of planar and Sylvester flows reduce to these.
 :math:`f`, given a bracket :math:`[a, b]` with :math:`f(a) \le 0 \le f(b)`.
 Each iteration takes a Newton step, and falls back to bisection wherever the
 Newton step would leave the current bracket; the bracket shrinks every
-iteration. So it converges quadratically near the root and never diverges: in
-the worst case it is bisection, :math:`\log_2((b - a)/\mathrm{tol})` steps.
+iteration. So it converges quadratically near a simple root and never
+diverges; near a nearly flat root (slope close to 0) Newton converges only
+linearly, and ``max_iterations`` bounds the work.
 
 If some element has not converged after ``max_iterations``, it raises
 :class:`InverseNotConverged` instead of returning a wrong answer.
@@ -65,6 +66,12 @@ def monotone_root(
             newton = t - value / slope
             inside = (newton > lower) & (newton < upper) & torch.isfinite(newton)
             step_to = torch.where(inside, newton, 0.5 * (lower + upper))
+            # Where f(t) == 0, or the Newton step is below t's resolution, t is
+            # the root to working precision: stay. (t is now an end of the
+            # bracket, so the strict test above would bisect away from it; an
+            # inclusive test instead lets rounding noise in f bounce the
+            # iterate between the two ends of the bracket without end.)
+            step_to = torch.where((value == 0) | (newton == t), t, step_to)
             scale = 1 + step_to.abs()
             done = ((step_to - t).abs() <= tolerance * scale) | ((upper - lower) <= tolerance * scale) | (value == 0)
             t = step_to
