@@ -180,15 +180,15 @@ class ConditionalFlow(ConditionalTransformModule):
         super().__init__()
         self.input_dim = check_input_dim(input_dim)
         self.context_dim = check_count("context_dim", context_dim)
-        self.net = None
-        if param_shapes is not None:
+        self._reads_context = param_shapes is None
+        if not self._reads_context:
             if hidden_dims is None:
                 hidden_dims = default_hidden_dims(input_dim, context_dim)
             self.net = ContextNet(context_dim, hidden_dims, param_shapes)
 
     def condition(self, context: torch.Tensor) -> FlowTransform:
         check_event(context, self.context_dim, type(self).__name__, "context")
-        if self.net is None:
+        if self._reads_context:
             return self._condition(context)
         return self._condition(*self.net(context))
 

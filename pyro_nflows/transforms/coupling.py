@@ -90,14 +90,13 @@ import math
 from typing import Any, Callable, Sequence, Union
 
 import torch
-from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.nn.dense import ContextNet
-from pyro_nflows.transforms.base import FlowTransform
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_event, check_input_dim
+from pyro_nflows.validation import check_count, check_input_dim
 
 __all__ = [
     "AdditiveCoupling",
@@ -516,7 +515,7 @@ class SplineCoupling(ConditionedSplineCoupling, TransformModule):
 # ---------------------------------------------------------------------------
 
 
-class ConditionalCoupling(ConditionalTransformModule):
+class ConditionalCoupling(ConditionalFlow):
     r"""A coupling whose network sees a context too, :math:`\theta = \mathrm{MLP}([x_a, c])`.
 
     ``condition(c)`` returns the subclass's ``Conditioned<X>Coupling``
@@ -536,11 +535,9 @@ class ConditionalCoupling(ConditionalTransformModule):
         reverse: bool = False,
         **options: Any,
     ):
-        super().__init__()
-        self.context_dim = check_count("context_dim", context_dim)
+        super().__init__(input_dim, context_dim)
         self._options = dict(split_dim=split_dim, reverse=reverse, **options)
         layout = self.conditioned_class(input_dim, None, **self._options)  # validates the options
-        self.input_dim = input_dim
         self.split_dim = layout.split_dim
         self.reverse = layout.reverse
         self.net = _coupling_net(
@@ -553,8 +550,7 @@ class ConditionalCoupling(ConditionalTransformModule):
         context = context.expand(batch + context.shape[-1:])
         return self.net(torch.cat((kept, context), dim=-1))
 
-    def condition(self, context: torch.Tensor) -> ConditionedCoupling:
-        check_event(context, self.context_dim, type(self).__name__, "context")
+    def _condition(self, context: torch.Tensor) -> ConditionedCoupling:
         net = functools.partial(self._net_with_context, context=context)
         return self.conditioned_class(self.input_dim, net, **self._options)
 
