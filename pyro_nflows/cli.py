@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +28,9 @@ __all__ = ["main"]
 
 
 def _fit(args: argparse.Namespace) -> int:
+    # Under torchrun every process trains; only the first reports and writes files.
+    main_process = os.environ.get("RANK", "0") == "0"
+    say = print if main_process else (lambda *_: None)
     if args.file is not None:
         data = datasets.load_array(args.file)
         source = str(args.file)
@@ -34,8 +38,8 @@ def _fit(args: argparse.Namespace) -> int:
         data = datasets.load_dataset(args.dataset, n=args.n, seed=args.seed)
         source = f"dataset {args.dataset!r}"
     train, validation, test = datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
-    print(f"{source}: {len(data)} rows x {data.shape[1]} columns -> train {len(train)}, validation {len(validation)}, test {len(test)}")
-    print(f"flow: {args.layers} x {args.flow}, normalization {args.normalization}")
+    say(f"{source}: {len(data)} rows x {data.shape[1]} columns -> train {len(train)}, validation {len(validation)}, test {len(test)}")
+    say(f"flow: {args.layers} x {args.flow}, normalization {args.normalization}")
     model = fit(
         train,
         flow=args.flow,
@@ -51,6 +55,8 @@ def _fit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         checkpoint=args.checkpoint,
     )
+    if not main_process:
+        return 0
     with torch.no_grad():
         train_ll = model.log_prob(train).mean().item()
         test_ll = model.log_prob(test).mean().item()

@@ -160,3 +160,12 @@ def test_a_checkpoint_from_other_data_is_refused(tmp_path):
     fit(_gaussian_data(n=100), num_layers=1, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
     with pytest.raises(ValueError, match="written for other data or settings"):
         fit(_gaussian_data(n=100, seed=3), num_layers=1, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
+
+
+def test_batchnorm_folds_a_last_batch_of_one_row_into_the_one_before():
+    data = _gaussian_data(n=101)  # 91 training rows: ten batches of 9 and one row, whose batch variance is undefined
+    model = fit(data, num_layers=2, normalization="batchnorm", epochs=2, batch_size=9, seed=0, progress=False)
+    assert model.history.stopped == "ran all 2 epochs"
+    assert torch.isfinite(model.log_prob(data)).all()
+    with pytest.raises(ValueError, match="batchnorm.*at least 2 rows"):
+        fit(data, num_layers=2, normalization="batchnorm", batch_size=1, progress=False)
