@@ -343,6 +343,13 @@ def _batches(order: torch.Tensor, batch_size: int, min_rows: int) -> list[torch.
     return batches
 
 
+def _draw_seed() -> int:
+    """A seed drawn from torch's global generator: reproducible after the
+    caller's ``torch.manual_seed``, and (unlike ``torch.seed()``) without
+    reseeding the caller's random stream."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
 def _split(data: torch.Tensor, validation_data, validation_fraction: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
     if validation_data is not None:
         validation = check_data(validation_data, "validation_data", min_rows=1)
@@ -459,11 +466,11 @@ def fit(
             [zlib.crc32(arguments.encode()), *_summary(data), len(validation_summary), *validation_summary], ranks, device
         )
         if seed is None:  # every process must draw the same initialisation, split and shuffling
-            shared = torch.tensor([torch.seed() % 2**62], dtype=torch.int64, device=device)
+            shared = torch.tensor([_draw_seed()], dtype=torch.int64, device=device)
             seed = int(_from_main(shared, ranks).item())
     if seed is not None:
         torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    generator = torch.Generator().manual_seed(seed if seed is not None else _draw_seed())
     train, validation = _split(data, validation_data, validation_fraction, generator)
 
     model = DensityModel(train.shape[1], flow, num_layers, hidden_dims, normalization).to(device)

@@ -169,3 +169,14 @@ def test_batchnorm_folds_a_last_batch_of_one_row_into_the_one_before():
     assert torch.isfinite(model.log_prob(data)).all()
     with pytest.raises(ValueError, match="batchnorm.*at least 2 rows"):
         fit(data, num_layers=2, normalization="batchnorm", batch_size=1, progress=False)
+
+
+def test_fit_without_a_seed_follows_the_callers_global_seed():
+    data = _gaussian_data(n=120)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        model = fit(data, num_layers=1, epochs=2, progress=False)
+        results.append((model.log_prob(data[:5]), torch.rand(3)))  # and the caller's stream goes on the same
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
