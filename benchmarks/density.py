@@ -83,6 +83,8 @@ if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.common import library_versions  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pyro_nflows import datasets  # noqa: E402
@@ -400,18 +402,6 @@ def run_target(seed: int) -> None:
     )
 
 
-def _versions() -> str:
-    from importlib import metadata
-
-    parts = [f"torch {torch.__version__}"]
-    for name, distribution in (("zuko", "zuko"), ("nflows", "nflows")):
-        try:
-            parts.append(f"{name} {metadata.version(distribution)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name} not installed")
-    return ", ".join(parts)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=None, help=f"any of {TOYS + ['digits']} (default: all)")
@@ -434,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown datasets {unknown}; known: {TOYS + ['digits']}")
 
-    print(f"pyro_nflows density estimation vs zuko and nflows ({_versions()})")
+    print(f"pyro_nflows density estimation vs zuko and nflows ({library_versions({'zuko': 'zuko', 'nflows': 'nflows'})})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"epochs<={epochs} (patience {PATIENCE})  batch {BATCH_SIZE}  lr {LR} cosine  toys n={n} (80/10/10 split)  "

@@ -58,6 +58,8 @@ if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.common import library_versions  # noqa: E402
+
 PEERS = ("pyro", "zuko", "nflows")
 DASH = "\u2014"
 
@@ -716,18 +718,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _versions() -> str:
-    from importlib import metadata
-
-    parts = [f"torch {torch.__version__}"]
-    for name, distribution in (("pyro", "pyro-ppl"), ("zuko", "zuko"), ("nflows", "nflows")):
-        try:
-            parts.append(f"{name} {metadata.version(distribution)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name} not installed")
-    return ", ".join(parts)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filter", default="", help="run only cases whose name contains this substring")
@@ -763,7 +753,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import pyro_nflows
 
     origin = getattr(pyro_nflows, "__file__", None) or list(getattr(pyro_nflows, "__path__", ["?"]))[0]
-    print(f"pyro_nflows speed ({_versions()})")
+    print(f"pyro_nflows speed ({library_versions({'pyro': 'pyro-ppl', 'zuko': 'zuko', 'nflows': 'nflows'})})")
     print(
         f"threads={args.threads}  rounds={repeats}  sample~{sample_s * 1e3:.0f} ms  warmup={warmup}  "
         f"{platform.python_implementation()} {platform.python_version()}  pyro_nflows from {origin}"
