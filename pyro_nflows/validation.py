@@ -7,9 +7,11 @@ inside torch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["check_count", "check_event", "check_input_dim"]
+__all__ = ["check_count", "check_event", "check_input_dim", "check_positive"]
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:
@@ -19,6 +21,13 @@ def check_count(name: str, value: int, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return value
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a positive finite number, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_input_dim(input_dim: int) -> int:

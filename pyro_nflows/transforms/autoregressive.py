@@ -43,9 +43,9 @@ from pyro.distributions.torch_transform import TransformModule
 from torch.nn import functional as F
 
 from pyro_nflows.nn.made import MADE
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, soft_clamp
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_input_dim
+from pyro_nflows.validation import check_count, check_input_dim, check_positive
 
 __all__ = [
     "AffineMap",
@@ -86,11 +86,10 @@ class AffineMap:
     param_dim = 2
 
     def __init__(self, log_scale_bound: float = 3.0):
-        self.log_scale_bound = log_scale_bound
+        self.log_scale_bound = check_positive("log_scale_bound", log_scale_bound)
 
     def _shift_log_scale(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bound = self.log_scale_bound
-        return theta[..., 0], bound * torch.tanh(theta[..., 1] / bound)
+        return theta[..., 0], soft_clamp(theta[..., 1], self.log_scale_bound)
 
     def forward(self, z: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shift, log_scale = self._shift_log_scale(theta)
@@ -117,9 +116,7 @@ class SplineMap:
 
     def __init__(self, count_bins: int = 8, bound: float = 3.0):
         self.count_bins = check_count("count_bins", count_bins, minimum=2)
-        if not (isinstance(bound, (int, float)) and 0 < bound < float("inf")):
-            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-        self.bound = float(bound)
+        self.bound = check_positive("bound", bound)
         self.param_dim = 3 * count_bins - 1
 
     def _spline(self, value: torch.Tensor, theta: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:

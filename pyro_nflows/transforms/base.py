@@ -26,7 +26,7 @@ inside torch.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch.distributions import constraints
@@ -37,12 +37,18 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro_nflows.nn.dense import ContextNet, default_hidden_dims
 from pyro_nflows.validation import check_count, check_event, check_input_dim
 
-__all__ = ["ConditionalFlow", "FlowTransform", "resolve"]
+__all__ = ["ConditionalFlow", "FlowTransform", "resolve", "soft_clamp"]
 
 
 def resolve(value):
     """A parameter given as a tensor or as a callable returning one (Pyro's convention)."""
     return value() if callable(value) else value
+
+
+def soft_clamp(value: torch.Tensor, bound: float) -> torch.Tensor:
+    """``bound * tanh(value / bound)``: close to ``value`` near 0, smoothly kept
+    inside ``(-bound, bound)`` (a hard clamp has zero gradient outside it)."""
+    return bound * torch.tanh(value / bound)
 
 
 class FlowTransform(Transform):

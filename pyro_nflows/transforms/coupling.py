@@ -86,7 +86,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -94,9 +93,9 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.nn.dense import ContextNet
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, soft_clamp
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_input_dim
+from pyro_nflows.validation import check_count, check_input_dim, check_positive
 
 __all__ = [
     "AdditiveCoupling",
@@ -152,12 +151,6 @@ def _check_bool(name: str, value: bool) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _default_hidden_dims(input_dim: int, context_dim: int = 0) -> tuple[int, int]:
@@ -342,15 +335,14 @@ class ConditionedAffineCoupling(ConditionedCoupling):
         cache_size: int = 1,
     ):
         super().__init__(input_dim, net, split_dim, reverse, cache_size=cache_size)
-        self.log_scale_bound = _check_positive("log_scale_bound", log_scale_bound)
+        self.log_scale_bound = check_positive("log_scale_bound", log_scale_bound)
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         return [(self.transformed_dim,), (self.transformed_dim,)]
 
     def log_scale(self, unbounded: torch.Tensor) -> torch.Tensor:
         r""":math:`s = B \tanh(\tilde s / B)`."""
-        bound = self.log_scale_bound
-        return bound * torch.tanh(unbounded / bound)
+        return soft_clamp(unbounded, self.log_scale_bound)
 
     def elementwise(self, x_b, params, inverse):
         unbounded, shift = params
@@ -407,8 +399,8 @@ class ConditionedSplineCoupling(ConditionedCoupling):
     ):
         super().__init__(input_dim, net, split_dim, reverse, cache_size=cache_size)
         self.count_bins = check_count("count_bins", count_bins, minimum=2)
-        self.bound = _check_positive("bound", bound)
-        self.output_scale = _check_positive("output_scale", output_scale)
+        self.bound = check_positive("bound", bound)
+        self.output_scale = check_positive("output_scale", output_scale)
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         dim, bins = self.transformed_dim, self.count_bins

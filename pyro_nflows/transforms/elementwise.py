@@ -27,7 +27,7 @@ from torch import nn
 
 from pyro_nflows.transforms.base import FlowTransform
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_input_dim
+from pyro_nflows.validation import check_count, check_input_dim, check_positive
 
 __all__ = [
     "ActNorm",
@@ -150,9 +150,7 @@ class ElementwiseSpline(FlowTransform, TransformModule):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_input_dim(input_dim)
         self.count_bins = check_count("count_bins", count_bins, minimum=2)
-        if not (isinstance(bound, (int, float)) and bound > 0 and bound != float("inf")):
-            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-        self.bound = float(bound)
+        self.bound = check_positive("bound", bound)
         self.widths = nn.Parameter(torch.zeros(input_dim, count_bins))
         self.heights = nn.Parameter(torch.zeros(input_dim, count_bins))
         self.derivatives = nn.Parameter(torch.zeros(input_dim, count_bins - 1))
