@@ -8,7 +8,7 @@ from checks import moved
 
 from pyro_nflows.nn import MADE
 from pyro_nflows.transforms import conditional_iaf, conditional_maf, iaf, maf, spline_autoregressive
-from pyro_nflows.transforms.autoregressive import AffineMap, SplineMap
+from pyro_nflows.transforms.autoregressive import AffineMap, GatedAffineMap, SplineMap
 
 
 @pytest.mark.parametrize("ordering", ["natural", "reversed", torch.tensor([3, 0, 5, 1, 4, 2])])
@@ -35,21 +35,27 @@ def test_made_context_reaches_the_first_coordinate():
     assert jacobian.abs().sum() > 0
 
 
-@pytest.mark.parametrize("elementwise", [AffineMap(), SplineMap(5)], ids=["affine", "spline"])
+@pytest.mark.parametrize("elementwise", [AffineMap(), GatedAffineMap(), SplineMap(5)], ids=["affine", "gated", "spline"])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
 @pytest.mark.parametrize("context_dim", [None, 2])
-def test_one_pass_inversion_matches_the_naive_loop(elementwise, context_dim):
+def test_one_pass_inversion_matches_the_naive_loop(elementwise, direction, context_dim):
     torch.manual_seed(0)
     made = moved(MADE(7, [30, 25], elementwise.param_dim, context_dim=context_dim, ordering="reversed"), 0.1)
     w = torch.randn(11, 7)
     context = None if context_dim is None else torch.randn(11, 2)
+    map_ = getattr(elementwise, direction)
 
     def step(w_i, theta_i):
-        return elementwise.forward(w_i, theta_i)[0]
+        return map_(w_i, theta_i)[0]
 
+    reference = made.invert_reference(w, step, context)
     with torch.no_grad():
         fast = made.invert(w, step, context)
-    reference = made.invert_reference(w, step, context)
+        # the maps' in-place steps (affine and gated) give the same result
+        step_into = getattr(elementwise, f"{direction}_into", None)
+        fast_in_place = made.invert(w, step, context, step_into)
     assert (fast - reference).abs().max() <= 1e-5
+    assert (fast_in_place - reference).abs().max() <= 1e-5
     with_graph = made.invert(w, step, context)  # the differentiable path agrees too
     assert with_graph.requires_grad and (with_graph - reference).abs().max() <= 1e-5
 

@@ -102,6 +102,7 @@ class MADE(nn.Module):
         order = _ordering(input_dim, ordering)
         self.register_buffer("order", order)
         self.register_buffer("inverse_order", torch.argsort(order))
+        self._order_list = order.tolist()
 
         # Degrees. Inputs and outputs stay in the caller's coordinate order
         # (coordinate i has degree position(i) + 1), so forward() needs no
@@ -171,6 +172,7 @@ class MADE(nn.Module):
         w: torch.Tensor,
         step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         context: torch.Tensor | None = None,
+        step_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         r"""Solve :math:`u_i = \mathrm{step}(w_i, \theta_i(u_{<i}))` for
         :math:`u`, where :math:`\theta = \mathrm{MADE}(u)`, in about one
@@ -180,6 +182,11 @@ class MADE(nn.Module):
         :param step: ``step(w_i, theta_i)`` with ``w_i`` of shape ``(B,)`` and
             ``theta_i`` of shape ``(B, P)`` returns ``u_i`` of shape ``(B,)``.
         :param context: optional, broadcasting against ``w``'s batch shape.
+        :param step_into: optional in-place version of ``step`` for the path
+            without gradients: ``step_into(w_i, theta, out)`` with ``theta`` of
+            its ``P`` rows of shape ``(B,)`` (scratch space it may overwrite) writes ``u_i``
+            into ``out``. At small sizes a step costs its number of operations,
+            so this is worth having for the common maps (see ``AffineMap``).
 
         Without gradients, every block is written in place into preallocated
         activations; the weight blocks and buffer views are built once and kept
@@ -189,15 +196,19 @@ class MADE(nn.Module):
         """
         check_event(w, self.input_dim, "MADE")
         batch = w.shape[:-1]
-        flat_w = w.reshape(-1, self.input_dim)[:, self.order].mT  # (D, B), generation order
-        count = flat_w.shape[1]
+        flat_w = w.reshape(-1, self.input_dim)
+        count = flat_w.shape[0]
         term = self._context_term(context, batch)
         context_term = None if term is None else term.reshape(count, -1).mT  # (H1, B)
         if torch.is_grad_enabled():
-            u = self._invert_tracked(flat_w, step, context_term, self._plan())
+            # (D, B), rows in generation order (index_select: plain indexing
+            # costs tens of microseconds more per call)
+            rows = flat_w.mT.index_select(0, self.order)
+            u = self._invert_tracked(rows, step, context_term, self._plan())
         else:
-            u = self._invert_in_place(flat_w, step, context_term)
-        return u.mT[:, self.inverse_order].reshape(w.shape)
+            columns = flat_w.unbind(-1)  # read in place: no transposed copy
+            u = self._invert_in_place([columns[i] for i in self._order_list], step, context_term, step_into)
+        return u.mT.index_select(1, self.inverse_order).reshape(w.shape)
 
     def _plan(self) -> list:
         """For each coordinate k in generation order: the hidden blocks that
@@ -240,25 +251,29 @@ class MADE(nn.Module):
                 for layer, start, end, rows, block_weight, block_bias in blocks
             ]
             steps.append((operations, weight, bias, hidden[-1][:below]))
-        self._workspace_cache = (inputs, inputs.unbind(0), theta, theta.mT, steps)
+        self._workspace_cache = (inputs, inputs.unbind(0), theta, theta.unbind(0), theta.mT, steps)
         self._workspace_key = key
         return self._workspace_cache
 
-    def _invert_in_place(self, flat_w, step, context_term) -> torch.Tensor:
-        inputs, input_rows, theta, theta_by_point, steps = self._workspace(flat_w.shape[1], flat_w)
+    def _invert_in_place(self, w_rows, step, context_term, step_into) -> torch.Tensor:
+        """``w_rows``: the D coordinates of ``w`` in generation order, shape ``(B,)`` each."""
+        inputs, input_rows, theta, theta_rows, theta_by_point, steps = self._workspace(w_rows[0].shape[0], w_rows[0])
         relu = self.nonlinearity is F.relu
-        for w_k, u_k, (operations, weight, bias, last) in zip(flat_w.unbind(0), input_rows, steps):
+        for w_k, u_k, (operations, weight, bias, last) in zip(w_rows, input_rows, steps):
             for layer, start, end, block_weight, block_bias, source, target in operations:
                 if layer == 0 and context_term is not None:
                     block_bias = block_bias + context_term[start:end]
                 torch.addmm(block_bias, block_weight, source, out=target)
                 if relu:
-                    target.clamp_(min=0)
+                    target.relu_()
                 else:
                     target.copy_(self.nonlinearity(target))
             torch.addmm(bias, weight, last, out=theta)
-            u_k.copy_(step(w_k, theta_by_point))
-        return inputs.clone()  # the buffers are reused by the next call
+            if step_into is None:
+                u_k.copy_(step(w_k, theta_by_point))
+            else:
+                step_into(w_k, theta_rows, u_k)
+        return inputs  # invert() copies it out before the buffers are reused
 
     def _invert_tracked(self, flat_w, step, context_term, plan) -> torch.Tensor:
         inputs: list[torch.Tensor] = []
