@@ -5,16 +5,19 @@ Run from the repository root::
     python benchmarks/density.py                   # the full table (~40 min on 2 cores shared with other work)
     python benchmarks/density.py --quick           # smoke run, about 2 minutes
     python benchmarks/density.py --datasets checkerboard two_moons --flows nsf --epochs 50
+    python benchmarks/density.py --datasets rings --flows realnvp --seed 1 --patience 100   # no early stopping
     python benchmarks/density.py --target          # also: fit(checkerboard, flow="nsf") with defaults (~6 min more)
 
 **What is compared.** For every dataset and every preset (``maf``, ``nsf``,
 ``realnvp``), ours is ``pyro_nflows.fit(train, flow=preset,
-validation_data=validation, epochs=E, seed=S)`` -- every other setting its
-default (5 layers, the default hidden widths, actnorm between layers, Adam at
-1e-3 with a cosine schedule over all ``E`` epochs, batch 256, gradient norms
-clipped at 5, early stopping after 10 epochs without a better validation
-log-likelihood, best weights restored). Each peer builds the same
-architecture at its own defaults otherwise:
+validation_data=validation, epochs=E, patience=P, seed=S)`` -- every other
+setting its default (5 layers, the default hidden widths, actnorm between
+layers, Adam at 1e-3 with a cosine schedule over all ``E`` epochs, batch 256,
+gradient norms clipped at 5, early stopping after ``P`` epochs without a
+better validation log-likelihood, best weights restored). ``P`` is ``fit``'s
+default patience (30), read from its signature so that the benchmark cannot
+drift from it; ``--patience`` overrides it for ours and the peers alike.
+Each peer builds the same architecture at its own defaults otherwise:
 
 ==========  ===============================================  ===============================================
 preset      zuko                                             nflows
@@ -68,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import math
 import os
 import platform
@@ -101,7 +105,7 @@ COUNT_BINS = 8
 SPLINE_BOUND = 3.0  # our spline_autoregressive default; nflows' tails are put there too
 BATCH_SIZE = 256
 LR = 1e-3
-PATIENCE = 10
+PATIENCE = inspect.signature(fit).parameters["patience"].default  # fit's default, for both sides
 CLIP_NORM = 5.0
 TARGET_BITS, TARGET_SECONDS = 5.10, 600.0
 DASH = "—"
@@ -229,7 +233,7 @@ def _mean_log_prob(log_prob: Callable[[torch.Tensor], torch.Tensor], data: torch
 
 
 def train_peer(
-    model: nn.Module, train: torch.Tensor, validation: torch.Tensor, epochs: int, seed: int
+    model: nn.Module, train: torch.Tensor, validation: torch.Tensor, epochs: int, seed: int, patience: int = PATIENCE
 ) -> tuple[int, int]:
     """Maximum likelihood on standardised data, exactly as ``fit`` trains ours:
     Adam, cosine schedule over all steps, clipping, early stopping, best weights.
@@ -260,16 +264,18 @@ def train_peer(
             best_state = copy.deepcopy(model.state_dict())
         else:
             waited += 1
-            if waited >= PATIENCE:
+            if waited >= patience:
                 break
     model.load_state_dict(best_state)
     model.eval()
     return epoch + 1, best_epoch
 
 
-def run_ours(flow: str, train, validation, test, epochs: int, seed: int) -> Result:
+def run_ours(flow: str, train, validation, test, epochs: int, seed: int, patience: int = PATIENCE) -> Result:
     start = time.perf_counter()
-    model = fit(train, flow=flow, validation_data=validation, epochs=epochs, seed=seed, progress=False)
+    model = fit(
+        train, flow=flow, validation_data=validation, epochs=epochs, patience=patience, seed=seed, progress=False
+    )
     seconds = time.perf_counter() - start
     with torch.no_grad():
         nll = torch.cat([-model.log_prob(chunk) for chunk in test.split(4 * BATCH_SIZE)]).double()
@@ -277,7 +283,10 @@ def run_ours(flow: str, train, validation, test, epochs: int, seed: int) -> Resu
     return Result(nll, count_parameters(model), seconds, len(history.validation), history.best_epoch, history.stopped)
 
 
-def run_peer(peer: str, flow: str, train, validation, test, epochs: int, seed: int, target_parameters: int) -> Result:
+def run_peer(
+    peer: str, flow: str, train, validation, test, epochs: int, seed: int, target_parameters: int,
+    patience: int = PATIENCE,
+) -> Result:
     dim = train.shape[1]
     loc, scale = train.mean(0), train.std(0)
     log_det = scale.log().sum().item()  # x = loc + scale * z
@@ -288,7 +297,7 @@ def run_peer(peer: str, flow: str, train, validation, test, epochs: int, seed: i
     torch.manual_seed(seed)
     model = PEER_BUILDERS[peer](flow, dim, hidden_width(flow, dim), target_parameters)
     start = time.perf_counter()
-    epochs_run, best_epoch = train_peer(model, standardise(train), standardise(validation), epochs, seed)
+    epochs_run, best_epoch = train_peer(model, standardise(train), standardise(validation), epochs, seed, patience)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         nll = torch.cat([-model.log_prob(standardise(chunk)) for chunk in test.split(4 * BATCH_SIZE)]).double() + log_det
@@ -410,6 +419,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap for every model (default 100; --quick 20)")
     parser.add_argument("--n", type=int, default=None, help="points drawn from each 2-D toy (default 10000; --quick 5000)")
     parser.add_argument("--seed", type=int, default=0, help="data, split and initialisation seed")
+    parser.add_argument(
+        "--patience", type=int, default=PATIENCE,
+        help=f"early-stopping patience for ours and the peers alike (default: fit's, {PATIENCE})",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: checkerboard, two_moons and digits, few epochs")
     parser.add_argument("--target", action="store_true", help="also run the checkerboard nsf target with fit's defaults")
@@ -427,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"pyro_nflows density estimation vs zuko and nflows ({library_versions({'zuko': 'zuko', 'nflows': 'nflows'})})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"epochs<={epochs} (patience {PATIENCE})  batch {BATCH_SIZE}  lr {LR} cosine  toys n={n} (80/10/10 split)  "
+        f"epochs<={epochs} (patience {args.patience})  batch {BATCH_SIZE}  lr {LR} cosine  toys n={n} (80/10/10 split)  "
         f"seed {args.seed}  threads {args.threads}  load {load:.2f} on {os.cpu_count()} cores  "
         f"{platform.python_implementation()} {platform.python_version()}"
     )
@@ -450,7 +463,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(row)
             print(f"  {name} {flow}: ours ...", end="", flush=True, file=sys.stderr)
             try:
-                row.results["ours"] = run_ours(flow, train, validation, test, epochs, args.seed)
+                row.results["ours"] = run_ours(flow, train, validation, test, epochs, args.seed, args.patience)
             except Exception as error:  # report it, run the others
                 errors.append(f"{name} {flow} ours: {type(error).__name__}: {error}")
                 continue
@@ -458,7 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f" {peer} ...", end="", flush=True, file=sys.stderr)
                 try:
                     row.results[peer] = run_peer(
-                        peer, flow, train, validation, test, epochs, args.seed, row.results["ours"].parameters
+                        peer, flow, train, validation, test, epochs, args.seed, row.results["ours"].parameters,
+                        args.patience,
                     )
                 except Unavailable as reason:
                     row.notes[peer] = str(reason)
