@@ -22,7 +22,11 @@ is given) and asserts, in order:
    ``torch.load(weights_only=True)``) give the same outputs;
 8. the cache inverts the transform's own output exactly and never returns a
    stale value after an in-place parameter update;
-9. an input or context of the wrong width raises ``ValueError``.
+9. an input or context of the wrong width raises ``ValueError``;
+10. ``pyro.module`` registers every parameter itself, not a copy (Pyro's
+    param store keeps a contiguous copy of a non-contiguous tensor, which an
+    optimiser would then update while the transform computes with the
+    original).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import copy
 import io
 from typing import Callable
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import ConditionalTransformModule
@@ -236,6 +241,17 @@ def check_transform(
             assert str(context_dim) in str(error)
         else:
             raise AssertionError("a context of the wrong width did not raise ValueError")
+
+    # 10. Pyro's param store holds the parameters themselves.
+    fresh = build()
+    pyro.clear_param_store()
+    try:
+        pyro.module("checked", fresh)
+        store = pyro.get_param_store()
+        for name, parameter in fresh.named_parameters():
+            assert store[f"checked$$${name}"] is parameter, f"pyro.module registered a copy of {name!r}"
+    finally:
+        pyro.clear_param_store()
 
 
 def _inverse_condition(module64, y, context, input_dim) -> torch.Tensor:

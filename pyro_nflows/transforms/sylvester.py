@@ -475,7 +475,8 @@ class Sylvester(ConditionedSylvester, TransformModule):
         size, count = _check_options(input_dim, kind, num_ortho_vectors, num_householder, reverse)
         super().__init__(input_dim, kind, reverse=reverse, cache_size=cache_size)
         if kind == "orthogonal":
-            self.q = nn.Parameter(torch.linalg.qr(torch.randn(input_dim, size)).Q)
+            # contiguous: Pyro's param store would otherwise register a copy (never trained)
+            self.q = nn.Parameter(torch.linalg.qr(torch.randn(input_dim, size)).Q.contiguous())
         elif kind == "householder":
             bound = 1.0 / math.sqrt(input_dim)
             self.q = nn.Parameter(torch.empty(count, input_dim).uniform_(-bound, bound))
