@@ -2,12 +2,15 @@
 
 Every flow is a :class:`pyro.distributions.TransformModule` (see
 :mod:`pyro_nflows.transforms`); :func:`build_flow` builds a stack from a spec
-string such as ``"householder:4+lu_linear"``.
+string such as ``"householder:4+lu_linear"``. Flows in Pyro autoguides live
+in :mod:`pyro_nflows.autoguides`, VAEs with flow posteriors in
+:mod:`pyro_nflows.vae`, the density estimator in :mod:`pyro_nflows.density`
+and the built-in data in :mod:`pyro_nflows.datasets`.
 """
 
-from pyro_nflows import transforms
+from pyro_nflows import autoguides, datasets, density, transforms, vae
 from pyro_nflows.registry import available_flows, build_flow
 
 __version__ = "0.1.0"
 
-__all__ = ["available_flows", "build_flow", "transforms", "__version__"]
+__all__ = ["autoguides", "available_flows", "build_flow", "datasets", "density", "transforms", "vae", "__version__"]

@@ -20,6 +20,11 @@ docstring) that lives roughly in ``[-4, 4]^2``:
 A real dataset: ``digits()`` -- scikit-learn's 8 x 8 handwritten digits, 1797
 rows of 64 dequantized pixel values.
 
+Binary images for VAEs: ``binarized_digits()`` -- the same digits as 0/1
+pixels (the built-in default of ``pyro-nflows vae``); ``load_mnist(root)`` --
+MNIST from the standard IDX files you have downloaded (never downloaded
+here), read by ``read_idx``, a small IDX parser of our own.
+
 Your own data: ``load_array(path)`` reads a ``.csv`` or ``.npy`` file into an
 ``(n, d)`` float tensor, refusing (with a ``ValueError`` naming the file and the
 fault) anything it would otherwise have to guess about.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import math
 import numbers
 import os
@@ -53,13 +59,16 @@ __all__ = [
     "CHECKERBOARD_ENTROPY_BITS",
     "DATASETS",
     "DEFAULT_N",
+    "binarized_digits",
     "checkerboard",
     "circles",
     "digits",
     "eight_gaussians",
     "load_array",
     "load_dataset",
+    "load_mnist",
     "pinwheel",
+    "read_idx",
     "rings",
     "split",
     "two_moons",
@@ -305,6 +314,157 @@ def digits(
     # Rounding to dtype may turn c + 0.99999... into c + 1: keep floor(x) == c.
     upper = (counts + 1.0).to(dtype)
     return torch.minimum(values, torch.nextafter(upper, torch.zeros_like(upper)))
+
+
+def binarized_digits(
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    stochastic: bool = False,
+    n: int | None = None,
+) -> torch.Tensor:
+    """scikit-learn's handwritten digits as binary images: a (1797, 64) tensor of 0s and 1s.
+
+    Each pixel's count c in 0..16 is scaled to the intensity p = c / 16 in
+    [0, 1] and binarised, by default at the fixed threshold 0.5 (pixel = 1
+    when c >= 8), so that the dataset is the same on every call and every
+    machine: models trained by different runs are scored on the same data,
+    and ``seed`` is not needed. ``stochastic=True`` draws each pixel from
+    Bernoulli(p) instead, seeded by ``seed``, as papers do for MNIST; on these
+    coarse 8 x 8 images a grey pixel then becomes a coin flip, whose noise
+    (up to ln 2 nats a pixel) would swamp the differences between models.
+
+    ``n`` (keyword only): take n rows drawn at random without replacement
+    (seeded by ``seed``) instead of all 1797 in their original order.
+    """
+    dtype = _check_dtype(dtype)
+    if not isinstance(stochastic, bool):
+        raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+    if n is not None:
+        check_count("n", n)
+        if n > _DIGITS_ROWS:
+            raise ValueError(f"digits has {_DIGITS_ROWS} rows; cannot take n={n}")
+    generator = _generator(seed)
+    intensity = torch.tensor(_digit_counts(), dtype=_FLOAT64) / 16.0
+    if n is not None:
+        intensity = intensity[torch.randperm(_DIGITS_ROWS, generator=generator)[:n]]
+    return _binarize(intensity, "stochastic" if stochastic else "threshold", generator).to(dtype)
+
+
+def _binarize(intensity: torch.Tensor, how: str | None, generator: torch.Generator) -> torch.Tensor:
+    """Intensities in [0, 1] kept (``None``), thresholded at 0.5 or drawn as Bernoulli pixels."""
+    if how is None:
+        return intensity
+    if how == "threshold":
+        return (intensity >= 0.5).to(intensity.dtype)
+    if how == "stochastic":
+        return torch.bernoulli(intensity, generator=generator)
+    raise ValueError(f"binarize must be None, 'threshold' or 'stochastic', got {how!r}")
+
+
+# --------------------------------------------------------------------------
+# MNIST from IDX files
+# --------------------------------------------------------------------------
+
+# IDX type codes (the third byte of the magic number) and their big-endian dtypes.
+_IDX_TYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_MNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the format of MNIST), plain or gzip-compressed.
+
+    The format: two zero bytes, a type code (0x08 unsigned byte, 0x09 signed
+    byte, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64), the number of
+    dimensions d, then d big-endian uint32 sizes, then the values, big-endian,
+    in C order. Returns an array of that shape, in native byte order.
+
+    Raises ``ValueError``, naming the file, for a bad magic number, an unknown
+    type code, a truncated header, or a payload whose length does not match
+    the sizes.
+    """
+    path = Path(path)
+    with open(path, "rb") as file:  # a missing file raises FileNotFoundError here
+        raw = file.read()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"'{path}' is not a readable gzip file: {error}") from error
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"'{path}' is not an IDX file: it must start with two zero bytes, a type code and a dimension count")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_TYPES:
+        known = ", ".join(f"0x{c:02X}" for c in _IDX_TYPES)
+        raise ValueError(f"'{path}': unknown IDX type code 0x{code:02X}; known codes: {known}")
+    if ndim == 0:
+        raise ValueError(f"'{path}': an IDX file needs at least one dimension, the header says 0")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"'{path}': truncated IDX header ({len(raw)} bytes; {ndim} dimensions need {header})")
+    shape = tuple(int(size) for size in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_TYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"'{path}': the header announces shape {shape} ({expected} bytes of data) "
+            f"but the file holds {len(raw) - header}"
+        )
+    values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))
+
+
+def _find_mnist_file(root: Path, name: str) -> Path:
+    """``name`` or ``name.gz`` in ``root`` or in torchvision's layout, ``root/MNIST/raw``."""
+    tried = []
+    for folder in (root, root / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+            tried.append(str(candidate))
+    raise FileNotFoundError(
+        f"no MNIST file {name!r} under '{root}' (looked for {', '.join(tried)}); this package never "
+        "downloads: put the IDX files there (from the MNIST site, or torchvision.datasets.MNIST(root, download=True))"
+    )
+
+
+def load_mnist(
+    root: str | os.PathLike,
+    split: str = "train",
+    binarize: str | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """MNIST images from the standard IDX files, as an (n, 784) tensor in [0, 1].
+
+    :param root: the folder holding ``train-images-idx3-ubyte`` and
+        ``t10k-images-idx3-ubyte`` (each may be gzip-compressed, ``.gz``), or
+        the folder torchvision downloads to (the files are then in
+        ``root/MNIST/raw``). Nothing is downloaded; torchvision is not needed.
+    :param split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
+    :param binarize: ``None`` (grey levels / 255), ``"threshold"`` (1 where
+        the intensity is >= 0.5) or ``"stochastic"`` (Bernoulli draws, seeded
+        by ``seed``).
+
+    Images are flattened row by row.
+    """
+    dtype = _check_dtype(dtype)
+    if split not in _MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = _find_mnist_file(Path(root), _MNIST_FILES[split])
+    images = read_idx(path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"'{path}' holds a {images.ndim}-D array of {images.dtype}; MNIST images are 3-D unsigned bytes")
+    intensity = torch.as_tensor(images.reshape(len(images), -1), dtype=_FLOAT64) / 255.0
+    return _binarize(intensity, binarize, _generator(seed)).to(dtype)
 
 
 # --------------------------------------------------------------------------

@@ -63,3 +63,31 @@ def test_score_refuses_a_file_of_the_wrong_width(tmp_path, capsys):
     np.save(wide, np.zeros((4, 3)))
     assert main(["score", str(output), str(wide)]) == 2
     assert "has 3 columns; the model was fitted to 2" in capsys.readouterr().err
+
+
+def test_vae_trains_on_binarised_digits_reports_and_saves(tmp_path, capsys):
+    from pyro_nflows.vae import load_vae
+
+    output = tmp_path / "vae.pt"
+    argv = ["vae", "--posterior", "householder:2", "--z-dim", "4", "--hidden", "16", "--epochs", "2", "--warmup", "1"]
+    assert main(argv + ["--samples", "20", "--no-progress", "-o", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "binarised digits (threshold), 8 x 8: train 1437, validation 180, test 180" in printed
+    assert "test ELBO per point" in printed and "test NLL per point (20 importance samples)" in printed
+    vae = load_vae(output)
+    assert vae.config["posterior"] == "householder:2" and vae.config["hidden_dims"] == [16]
+
+
+def test_vae_on_mnist_idx_files_and_errors(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 28, 28), dtype=np.uint8)
+    for name, rows in [("train-images-idx3-ubyte", images), ("t10k-images-idx3-ubyte", images[:4])]:
+        (tmp_path / name).write_bytes(bytes([0, 0, 8, 3]) + np.array(rows.shape, dtype=">u4").tobytes() + rows.tobytes())
+    output = tmp_path / "mnist.pt"
+    argv = ["vae", "--dataset", "mnist", "--data-dir", str(tmp_path), "--posterior", "gaussian", "--z-dim", "2", "--hidden", "8"]
+    assert main(argv + ["--epochs", "1", "--samples", "5", "--no-progress", "-o", str(output)]) == 0
+    assert "binarised MNIST (threshold), 28 x 28: train 10, validation 2, test 4" in capsys.readouterr().out
+    assert output.exists()
+    assert main(["vae", "--dataset", "mnist", "--no-progress"]) == 2
+    assert "needs --data-dir" in capsys.readouterr().err
+    assert main(["vae", "--posterior", "nope:3", "--epochs", "1", "--no-progress", "-o", str(output)]) == 2
+    assert "unknown posterior 'nope'; valid posteriors" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Tests of pyro_nflows.datasets: generated sets, the file loader and split."""
 
+import gzip
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -11,12 +13,15 @@ from pyro_nflows.datasets import (
     CHECKERBOARD_ENTROPY_BITS,
     DATASETS,
     DEFAULT_N,
+    binarized_digits,
     checkerboard,
     circles,
     digits,
     eight_gaussians,
     load_array,
     load_dataset,
+    load_mnist,
+    read_idx,
     rings,
     split,
     two_moons,
@@ -184,6 +189,111 @@ def test_digits_seeding_and_subsampling():
     assert load_dataset("digits", seed=0).shape == (1797, 64)
     with pytest.raises(ValueError, match="1797"):
         load_dataset("digits", n=1798)
+
+
+def test_binarized_digits_threshold_is_fixed_and_stochastic_is_seeded():
+    from sklearn.datasets import load_digits
+
+    x = binarized_digits()
+    counts = torch.as_tensor(load_digits().data, dtype=torch.float32)
+    assert x.shape == (1797, 64) and x.dtype == torch.float32
+    assert torch.equal(x, (counts >= 8).float())  # intensity c / 16 >= 0.5
+    assert torch.equal(binarized_digits(seed=3), x)  # the threshold ignores the seed
+    drawn = binarized_digits(seed=1, stochastic=True, dtype=torch.float64)
+    assert drawn.dtype == torch.float64 and set(drawn.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(drawn, binarized_digits(seed=1, stochastic=True, dtype=torch.float64))
+    assert not torch.equal(drawn, binarized_digits(seed=2, stochastic=True, dtype=torch.float64))
+    assert (drawn[counts == 0] == 0).all() and (drawn[counts == 16] == 1).all()
+    assert abs(drawn.mean().item() - (counts / 16).mean().item()) < 0.01
+    part = binarized_digits(seed=4, n=10)
+    assert part.shape == (10, 64) and torch.equal(part, binarized_digits(seed=4, n=10))
+    with pytest.raises(ValueError, match="1797"):
+        binarized_digits(n=1798)
+    with pytest.raises(ValueError, match="stochastic"):
+        binarized_digits(stochastic="yes")
+
+
+# --------------------------------------------------------------------------
+# MNIST's IDX files
+# --------------------------------------------------------------------------
+
+
+def write_idx(path, array, code=0x08, compress=False):
+    """An IDX file written by hand: 0, 0, type code, ndim, big-endian sizes, big-endian values."""
+    array = np.asarray(array)
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return path
+
+
+def tiny_images(count=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_round_trips_every_type(tmp_path, compress):
+    images = tiny_images()
+    path = write_idx(tmp_path / "images.idx", images, compress=compress)
+    read = read_idx(path)
+    assert read.dtype == np.uint8 and np.array_equal(read, images)
+    for code, dtype in [(0x09, np.int8), (0x0B, np.int16), (0x0C, np.int32), (0x0D, np.float32), (0x0E, np.float64)]:
+        values = (np.arange(24).reshape(2, 3, 4) - 7).astype(dtype)
+        read = read_idx(write_idx(tmp_path / f"values{code}", values, code=code, compress=compress))
+        assert read.dtype == np.dtype(dtype) and read.dtype.isnative and np.array_equal(read, values)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "labels", labels)), labels)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x07", "not an IDX file"),
+        (b"\x00", "not an IDX file"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x07", "unknown IDX type code 0x07"),
+        (b"\x00\x00\x08\x00", "at least one dimension"),
+        (b"\x00\x00\x08\x02\x00\x00\x00\x01", "truncated IDX header"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x03\x01\x02", r"shape \(3,\) \(3 bytes of data\) but the file holds 2"),
+        (b"\x1f\x8bnot gzip at all", "not a readable gzip file"),
+    ],
+)
+def test_read_idx_refuses_bad_files_naming_them(tmp_path, content, message):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        read_idx(path)
+    assert "bad-idx3-ubyte" in str(error.value)
+
+
+def test_load_mnist_reads_plain_and_gzipped_files_in_either_layout(tmp_path):
+    train, test = tiny_images(5, seed=0), tiny_images(3, seed=1)
+    write_idx(tmp_path / "train-images-idx3-ubyte", train)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test, compress=True)
+    x = load_mnist(tmp_path)
+    assert x.shape == (5, 784) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.as_tensor(train.reshape(5, -1) / 255.0, dtype=torch.float32))
+    assert torch.equal(load_mnist(tmp_path, "test", binarize="threshold"), torch.as_tensor(test.reshape(3, -1) >= 128).float())
+    drawn = load_mnist(tmp_path, "test", binarize="stochastic", seed=0)
+    assert torch.equal(drawn, load_mnist(tmp_path, "test", binarize="stochastic", seed=0))
+    assert set(drawn.unique().tolist()) <= {0.0, 1.0}
+    # torchvision's download folder: root/MNIST/raw
+    raw = tmp_path / "tv" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte.gz", train, compress=True)
+    assert torch.equal(load_mnist(tmp_path / "tv", dtype=torch.float64).float(), x)
+
+
+def test_load_mnist_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_mnist(tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros(10, dtype=np.uint8))
+    with pytest.raises(ValueError, match="1-D array of uint8"):
+        load_mnist(tmp_path)
+    with pytest.raises(ValueError, match="split must be"):
+        load_mnist(tmp_path, "valid")
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", tiny_images(2))
+    with pytest.raises(ValueError, match="binarize must be"):
+        load_mnist(tmp_path, "test", binarize="half")
 
 
 # --------------------------------------------------------------------------

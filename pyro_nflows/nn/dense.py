@@ -33,7 +33,8 @@ class ContextNet(nn.Module):
     """An MLP mapping a context of width ``context_dim`` to tensors of the given shapes.
 
     :param context_dim: width of the context vector.
-    :param hidden_dims: widths of the hidden layers.
+    :param hidden_dims: widths of the hidden layers; empty for a linear map
+        from the context (as the amortized posteriors of the VAE papers use).
     :param param_shapes: one shape per output tensor, without batch dimensions.
 
     ``forward(context)`` returns a tuple with one tensor per shape, each of shape
@@ -51,14 +52,21 @@ class ContextNet(nn.Module):
         hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
         self.param_shapes = [tuple(int(s) for s in shape) for shape in param_shapes]
         sizes = [math.prod(shape) for shape in self.param_shapes]
-        # DenseNN needs one output block per parameter; an empty block (a 1-D
-        # triangular matrix has no strictly lower entries) gets one dummy unit.
-        self.net = DenseNN(context_dim, list(hidden_dims), [max(size, 1) for size in sizes])
+        # One output block per parameter; an empty block (a 1-D triangular
+        # matrix has no strictly lower entries) gets one dummy unit.
+        blocks = [max(size, 1) for size in sizes]
+        if hidden_dims:
+            self.net = DenseNN(context_dim, list(hidden_dims), blocks)
+        else:  # no hidden layer: one linear map from the context (DenseNN needs a hidden layer)
+            self.net = nn.Linear(context_dim, sum(blocks))
+        self._blocks = blocks
         self._sizes = sizes
 
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.net(context)
-        if len(self._sizes) == 1:
+        if isinstance(self.net, nn.Linear):
+            outputs = outputs.split(self._blocks, dim=-1)
+        elif len(self._sizes) == 1:
             outputs = (outputs,)
         batch = context.shape[:-1]
         return tuple(

@@ -1,0 +1,209 @@
+r"""Flow posteriors against the Gaussian one: test NLL of a VAE on binarised digits.
+
+Run from the repository root::
+
+    python benchmarks/vae.py                 # 8 posteriors x 3 seeds, one table (~40 min on 2 cores shared with other work)
+    python benchmarks/vae.py --quick         # smoke run: 4 posteriors, 1 seed, 50 epochs, 1000 samples (~2 min)
+    python benchmarks/vae.py --posteriors gaussian householder:10 --seeds 0 1 2 3 4
+
+**What is compared.** The VAE of the Householder-flow and ccLinIAF papers
+(gated MLP encoder and decoder, hidden widths 300-300, a Bernoulli
+likelihood) with ``z_dim = 16`` on scikit-learn's digits binarised at 0.5
+(``datasets.binarized_digits()``: 1,797 images of 8 x 8 pixels; one fixed
+80/10/10 split, 1,437 / 180 / 180 rows, for every run), once per posterior:
+
+- ``gaussian``: the plain VAE;
+- ``householder:10``: Householder flow, 10 reflections (Tomczak & Welling 2016);
+- ``convex_triangular:5``: ccLinIAF with 5 matrices (Tomczak & Welling 2017);
+- ``iaf:2``: 2 gated IAF steps, MADEs of 64-64 units reading h (Kingma et al. 2016);
+- ``sylvester:4`` with ``kind`` ``orthogonal`` (M = 8), ``householder``
+  (8 reflections) and ``triangular`` (van den Berg et al. 2018);
+- ``planar:8``: 8 planar flows (Rezende & Mohamed 2015).
+
+Every run has the same budget (the defaults of ``pyro-nflows vae``):
+``train_vae`` with Adam at 1e-3, batches of 100, at most 300 epochs, KL
+warm-up over the first 50, early stopping after 30 epochs at full KL weight
+without a better validation ELBO (10 draws per point), best weights
+restored; the same seeds (each seeds the initialisation, the shuffling and
+the draws).
+
+**The score.** Test negative log-likelihood per image, in nats (lower is
+better), estimated by importance sampling with 5000 samples from the
+posterior (Burda et al. 2016; ``estimate_nll``): mean ± standard deviation
+over the seeds. Next to it: the test ELBO (mean ± std), the difference to
+the Gaussian posterior of the same seed (mean ± std over seeds; negative:
+better), the epochs trained (best epoch) and the seconds per run. A flow
+"beats" the Gaussian when its mean NLL is lower; the last line says whether
+every one does (the papers' pattern).
+
+The table is a report, not a test: the exit status is 0 unless a run errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+# Benchmark the checkout this file lives in, installed or not.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.common import library_versions  # noqa: E402
+from pyro_nflows import datasets  # noqa: E402
+from pyro_nflows.cli import DEFAULT_VAE  # noqa: E402
+from pyro_nflows.vae import VAE, estimate_nll, train_vae  # noqa: E402
+
+POSTERIORS = [
+    "gaussian",
+    "householder:10",
+    "convex_triangular:5",
+    "iaf:2",
+    "sylvester:4",
+    "sylvester:4(kind='householder', num_householder=8)",
+    "sylvester:4(kind='triangular')",
+    "planar:8",
+]
+QUICK_POSTERIORS = ["gaussian", "householder:10", "iaf:2", "planar:8"]
+SPLIT_SEED = 0
+BATCH_SIZE = 100
+LR = 1e-3
+
+
+@dataclass
+class Run:
+    nll: float
+    elbo: float
+    epochs: int
+    best_epoch: int
+    seconds: float
+
+
+@dataclass
+class Row:
+    posterior: str
+    runs: Dict[int, Run] = field(default_factory=dict)
+
+
+def run_one(posterior: str, seed: int, data: tuple, settings: argparse.Namespace) -> Run:
+    train, valid, test = data
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    vae = VAE(train.shape[1], settings.z_dim, posterior, hidden_dims=settings.hidden)
+    history = train_vae(
+        vae, train, valid, epochs=settings.epochs, batch_size=BATCH_SIZE, lr=LR,
+        warmup_epochs=settings.warmup, patience=settings.patience, seed=seed, progress=False,
+    )
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        elbo = vae.elbo(test, num_samples=10).mean().item()
+    nll = estimate_nll(vae, test, num_samples=settings.samples, seed=seed)
+    return Run(nll, elbo, len(history.valid_elbo), history.best_epoch + 1, time.perf_counter() - start)
+
+
+def _mean_std(values: List[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows: List[Row]) -> str:
+    baseline = next((row for row in rows if row.posterior == "gaussian"), None)
+    lines = [
+        "| posterior | test NLL (nats) | test ELBO | NLL − Gaussian's (same seed) | epochs (best) | s / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        runs = [row.runs[seed] for seed in sorted(row.runs)]
+        if baseline is not None and row is not baseline:
+            paired = [row.runs[s].nll - baseline.runs[s].nll for s in sorted(row.runs) if s in baseline.runs]
+            difference = _mean_std(paired)
+        else:
+            difference = "—"
+        epochs = ", ".join(f"{run.epochs} ({run.best_epoch})" for run in runs)
+        seconds = f"{statistics.mean(run.seconds for run in runs):.0f}" if runs else "—"
+        lines.append(
+            f"| `{row.posterior}` | {_mean_std([r.nll for r in runs])} | {_mean_std([r.elbo for r in runs])} "
+            f"| {difference} | {epochs} | {seconds} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: List[Row]) -> str:
+    means = {row.posterior: statistics.mean(r.nll for r in row.runs.values()) for row in rows if row.runs}
+    if "gaussian" not in means or len(means) < 2:
+        return "no Gaussian baseline (or nothing to compare it with) in this run"
+    losers = [name for name, value in means.items() if name != "gaussian" and value >= means["gaussian"]]
+    if not losers:
+        return f"every flow posterior beats the Gaussian one (mean test NLL {means['gaussian']:.2f} nats)"
+    return f"NOT every flow posterior beats the Gaussian one ({means['gaussian']:.2f} nats): {', '.join(losers)} do not"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--posteriors", nargs="+", default=None, help="posterior specs (default: the 8 above; --quick: 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default {DEFAULT_VAE['epochs']}; --quick 50)")
+    parser.add_argument("--warmup", type=int, default=None, help=f"KL warm-up epochs (default {DEFAULT_VAE['warmup']}; --quick 10)")
+    parser.add_argument("--patience", type=int, default=None, help=f"early-stopping patience (default {DEFAULT_VAE['patience']}; --quick 10)")
+    parser.add_argument("--z-dim", type=int, default=DEFAULT_VAE["z_dim"])
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(DEFAULT_VAE["hidden"]))
+    parser.add_argument("--samples", type=int, default=None, help="importance samples for the NLL (default 5000; --quick 1000)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 posteriors, 1 seed, 50 epochs, 1000 samples")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.posteriors = args.posteriors or (QUICK_POSTERIORS if quick else POSTERIORS)
+    args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    args.epochs = args.epochs or (50 if quick else DEFAULT_VAE["epochs"])
+    args.warmup = args.warmup if args.warmup is not None else (10 if quick else DEFAULT_VAE["warmup"])
+    args.patience = args.patience or (10 if quick else DEFAULT_VAE["patience"])
+    args.samples = args.samples or (1000 if quick else 5000)
+    torch.set_num_threads(args.threads)
+
+    data = datasets.split(datasets.binarized_digits(), (0.8, 0.1, 0.1), seed=SPLIT_SEED)
+    print(f"pyro_nflows VAE posteriors on binarised digits ({library_versions({'pyro': 'pyro-ppl'})})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"train/valid/test {len(data[0])}/{len(data[1])}/{len(data[2])}  z_dim {args.z_dim}  gated hidden {tuple(args.hidden)}  "
+        f"epochs<={args.epochs} (warm-up {args.warmup}, patience {args.patience})  batch {BATCH_SIZE}  Adam {LR}  "
+        f"seeds {args.seeds}  NLL with {args.samples} importance samples  threads {args.threads}  "
+        f"load {load:.2f} on {os.cpu_count()} cores  {platform.python_implementation()} {platform.python_version()}\n",
+        flush=True,
+    )
+    start = time.perf_counter()
+    rows = [Row(posterior) for posterior in args.posteriors]
+    errors = []
+    for seed in args.seeds:  # seed by seed: a run cut short still has complete comparisons
+        for row in rows:
+            try:
+                run = run_one(row.posterior, seed, data, args)
+            except Exception as error:  # report it, run the others
+                errors.append(f"{row.posterior} seed {seed}: {type(error).__name__}: {error}")
+                continue
+            row.runs[seed] = run
+            print(
+                f"  seed {seed} {row.posterior:<52} NLL {run.nll:7.3f}  ELBO {run.elbo:8.3f}  "
+                f"{run.epochs} epochs (best {run.best_epoch})  {run.seconds:.0f} s",
+                file=sys.stderr, flush=True,
+            )
+    print(table(rows))
+    print(f"\n{verdict(rows)}")
+    print(f"wall time {time.perf_counter() - start:.0f} s")
+    for error in errors:
+        print(f"ERROR {error}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
