@@ -102,7 +102,6 @@ class MADE(nn.Module):
         order = _ordering(input_dim, ordering)
         self.register_buffer("order", order)
         self.register_buffer("inverse_order", torch.argsort(order))
-        self._order_list = order.tolist()
 
         # Degrees. Inputs and outputs stay in the caller's coordinate order
         # (coordinate i has degree position(i) + 1), so forward() needs no
@@ -207,7 +206,7 @@ class MADE(nn.Module):
             u = self._invert_tracked(rows, step, context_term, self._plan())
         else:
             columns = flat_w.unbind(-1)  # read in place: no transposed copy
-            u = self._invert_in_place([columns[i] for i in self._order_list], step, context_term, step_into)
+            u = self._invert_in_place([columns[i] for i in self.order.tolist()], step, context_term, step_into)
         return u.mT.index_select(1, self.inverse_order).reshape(w.shape)
 
     def _plan(self) -> list:
