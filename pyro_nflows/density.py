@@ -41,6 +41,7 @@ from torch.distributions.transforms import AffineTransform
 from tqdm.auto import tqdm
 
 from pyro_nflows.registry import build_flow
+from pyro_nflows.saving import read_model, write_model
 from pyro_nflows.transforms.elementwise import ActNorm
 from pyro_nflows.validation import check_count
 
@@ -54,7 +55,6 @@ PRESETS = {
 }
 DEFAULT_FLOW = "maf"
 NORMALIZATIONS = ("actnorm", "batchnorm", None)
-FORMAT_VERSION = 1
 
 
 def check_data(data, name: str = "data", min_rows: int = 2) -> torch.Tensor:
@@ -186,24 +186,12 @@ class DensityModel(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write the configuration (as JSON) and the weights to ``path``."""
-        payload = {
-            "format": FORMAT_VERSION,
-            "config": json.dumps(self.config),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-        }
-        torch.save(payload, Path(path))
+        write_model(self, self.config, "density", path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> "DensityModel":
         """Restore a model written by :meth:`save` (weights only, no unpickling)."""
-        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
-            raise ValueError(f"{path} is not a model saved by DensityModel.save")
-        if payload.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format {payload.get('format')!r}; this version reads {FORMAT_VERSION}")
-        model = cls(**json.loads(payload["config"]))
-        model.load_state_dict(payload["state_dict"])
-        return model
+        return read_model(cls, "density", path, map_location, kind_required=False)
 
 
 def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> DensityModel:

@@ -51,6 +51,12 @@ def test_load_refuses_other_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a model saved by DensityModel.save"):
         load(path)
+    # nor a model of another kind (a VAE), which its JSON configuration would not rebuild
+    from pyro_nflows.vae import VAE
+
+    VAE(4, 2).save(path)
+    with pytest.raises(ValueError, match="its kind is 'vae', not 'density'"):
+        load(path)
 
 
 def test_fit_stops_early_and_restores_the_best_weights():

@@ -30,7 +30,6 @@ is their mean, the importance-sampled likelihood their log-mean-exp
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +39,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_nflows.saving import read_model, write_model
 from pyro_nflows.validation import check_count, check_event
 from pyro_nflows.vae.networks import Decoder, Encoder
 from pyro_nflows.vae.posteriors import ConditionedPosterior, build_posterior
@@ -47,7 +47,6 @@ from pyro_nflows.vae.posteriors import ConditionedPosterior, build_posterior
 __all__ = ["LIKELIHOODS", "VAE", "load_vae"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
-FORMAT_VERSION = 1
 _names = itertools.count()
 
 
@@ -203,25 +202,12 @@ class VAE(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write the configuration (as JSON) and the weights to ``path``."""
-        payload = {
-            "format": FORMAT_VERSION,
-            "kind": "vae",
-            "config": json.dumps(self.config),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-        }
-        torch.save(payload, Path(path))
+        write_model(self, self.config, "vae", path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> "VAE":
         """Restore a VAE written by :meth:`save` (``torch.load(weights_only=True)``: no unpickling)."""
-        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("kind") != "vae" or "state_dict" not in payload:
-            raise ValueError(f"{path} is not a model saved by VAE.save")
-        if payload.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format {payload.get('format')!r}; this version reads {FORMAT_VERSION}")
-        vae = cls(**json.loads(payload["config"]))
-        vae.load_state_dict(payload["state_dict"])
-        return vae.eval()
+        return read_model(cls, "vae", path, map_location).eval()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
