@@ -16,7 +16,12 @@ from torch import nn
 
 __all__ = ["FORMAT_VERSION", "read_model", "write_model"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What changed at each version, so that a refused file says why.
+_CHANGES = {
+    2: "the affine layers (MAF, IAF, RealNVP couplings) changed their log-scale bound, "
+    "and MAF and RealNVP where their shift is added, so the same weights give another density",
+}
 
 
 def write_model(module: nn.Module, config: dict, kind: str, path: str | Path) -> None:
@@ -43,8 +48,13 @@ def read_model(cls: type, kind: str, path: str | Path, map_location=None, *, kin
     found = payload.get("kind")
     if found != kind and (kind_required or found is not None):
         raise ValueError(f"{what} (its kind is {found!r}, not {kind!r})")
-    if payload.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format {payload.get('format')!r}; this version reads {FORMAT_VERSION}")
+    found_format = payload.get("format")
+    if found_format != FORMAT_VERSION:
+        why = ""
+        if isinstance(found_format, int) and found_format < FORMAT_VERSION:
+            changes = "; ".join(_CHANGES[v] for v in range(found_format + 1, FORMAT_VERSION + 1))
+            why = f" (since then {changes}): fit or train the model again with this version"
+        raise ValueError(f"{path} has format {found_format!r}; this version reads {FORMAT_VERSION}{why}")
     model = cls(**json.loads(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model

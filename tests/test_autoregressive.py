@@ -9,6 +9,7 @@ from checks import moved
 from pyro_nflows.nn import MADE
 from pyro_nflows.transforms import conditional_iaf, conditional_maf, iaf, maf, spline_autoregressive
 from pyro_nflows.transforms.autoregressive import AffineMap, GatedAffineMap, SplineMap
+from pyro_nflows.transforms.base import soft_clamp
 
 
 @pytest.mark.parametrize("ordering", ["natural", "reversed", torch.tensor([3, 0, 5, 1, 4, 2])])
@@ -35,7 +36,11 @@ def test_made_context_reaches_the_first_coordinate():
     assert jacobian.abs().sum() > 0
 
 
-@pytest.mark.parametrize("elementwise", [AffineMap(), GatedAffineMap(), SplineMap(5)], ids=["affine", "gated", "spline"])
+@pytest.mark.parametrize(
+    "elementwise",
+    [AffineMap(), AffineMap(shift_on="z"), GatedAffineMap(), SplineMap(5)],
+    ids=["affine-iaf", "affine-maf", "gated", "spline"],
+)
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 @pytest.mark.parametrize("context_dim", [None, 2])
 def test_one_pass_inversion_matches_the_naive_loop(elementwise, direction, context_dim):
@@ -129,3 +134,19 @@ def test_conditional_flows_use_the_context_in_every_direction():
 def test_bad_hyper_parameters_raise(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_affine_map_adds_the_shift_on_the_side_it_names():
+    """IAF's form x = z e^s + m and MAF's z = x e^{-s} + m, s the soft-clamped
+    log-scale; each is the other direction's exact inverse (checks.py)."""
+    theta = torch.randn(5, 3, 2, dtype=torch.float64)
+    shift, log_scale = theta[..., 0], soft_clamp(theta[..., 1], 3.0)
+    z, x = torch.randn(2, 5, 3, dtype=torch.float64)
+    iaf_x, iaf_log_det = AffineMap().forward(z, theta)
+    maf_z, maf_log_det = AffineMap(shift_on="z").inverse(x, theta)
+    assert torch.allclose(iaf_x, z * log_scale.exp() + shift, rtol=0, atol=1e-12)
+    assert torch.allclose(maf_z, x * torch.exp(-log_scale) + shift, rtol=0, atol=1e-12)
+    assert torch.equal(iaf_log_det, log_scale) and torch.equal(maf_log_det, log_scale)
+    assert (log_scale.abs() < 3.0).all()
+    with pytest.raises(ValueError, match="shift_on must be 'x'"):
+        AffineMap(shift_on="data")

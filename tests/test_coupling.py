@@ -314,8 +314,9 @@ def test_a_context_batch_larger_than_the_points_broadcasts_too(kind):
 
 
 def test_affine_coupling_matches_pyro():
-    """Pyro's AffineCoupling given the same scale and shift: ours receives the
-    raw log-scale that our soft clamp maps onto Pyro's (unclamped) one."""
+    """Pyro's AffineCoupling, y = x e^s + t, given the same map: ours receives
+    the raw log-scale that our soft clamp maps onto Pyro's (unclamped) one,
+    and the shift -t e^{-s} of its form y = (x - shift) e^s."""
     bound = 3.0
     weight = torch.randn(2, 4)
 
@@ -326,7 +327,7 @@ def test_affine_coupling_matches_pyro():
 
     def our_net(x_a):
         shift, log_scale = pyro_net(x_a)
-        return bound * torch.atanh(log_scale / bound), shift
+        return log_scale / (1 - log_scale.abs() / bound), -shift * torch.exp(-log_scale)
 
     ours = ConditionedAffineCoupling(6, our_net, split_dim=2, log_scale_bound=bound)
     pyro = PyroAffineCoupling(2, pyro_net)

@@ -46,9 +46,19 @@ def resolve(value):
 
 
 def soft_clamp(value: torch.Tensor, bound: float) -> torch.Tensor:
-    """``bound * tanh(value / bound)``: close to ``value`` near 0, smoothly kept
-    inside ``(-bound, bound)`` (a hard clamp has zero gradient outside it)."""
-    return bound * torch.tanh(value / bound)
+    """``value / (1 + |value| / bound)``: close to ``value`` near 0, smoothly kept
+    inside ``(-bound, bound)``.
+
+    A hard clamp has zero gradient outside its range; ``bound * tanh(value /
+    bound)`` has a gradient that dies exponentially as it nears the bound.
+    This one's dies like ``1 / value**2``, so a layer that needs a large
+    log-scale (a thin ring, a sharp edge) keeps being pushed towards it.
+    Measured with ``benchmarks/density.py``'s data (MAF and RealNVP, 3 seeds):
+    together with the shift placement of :class:`~pyro_nflows.transforms.
+    autoregressive.AffineMap` it lowers the test NLL of every toy it was
+    tried on; see that class.
+    """
+    return value / (1 + value.abs() / bound)
 
 
 class FlowTransform(Transform):

@@ -27,8 +27,8 @@ log-determinant is recomputed from :math:`x` (no state is kept between calls).
 class                       :math:`f(x_b; \theta)`                      :math:`\log|\det J|`
 ==========================  ==========================================  ==========================
 AdditiveCoupling (NICE)     :math:`x_b + t`                             0 (volume preserving)
-AffineCoupling (RealNVP)    :math:`x_b \odot e^{s} + t`,                :math:`\sum_i s_i`
-                            :math:`s = B \tanh(\tilde s / B)`
+AffineCoupling (RealNVP)    :math:`(x_b - t) \odot e^{s}`,              :math:`\sum_i s_i`
+                            :math:`s = \tilde s / (1 + |\tilde s| / B)`
 SplineCoupling (NSF)        a rational-quadratic spline per coordinate  :math:`\sum_i \log f_i'(x_i)`
 ==========================  ==========================================  ==========================
 
@@ -39,11 +39,13 @@ the element-wise map and the parameter shapes it needs. The spline is
 function the element-wise and autoregressive spline flows use.
 
 **Bounded log-scale.** The affine coupling's log-scale is a soft clamp of the
-network output, :math:`s = B \tanh(\tilde s / B)` with ``log_scale_bound``
-:math:`B` (default 3): :math:`|s| < B`, so one layer scales by at most
-:math:`e^{B}` and its inverse cannot blow up, while near :math:`\tilde s = 0`
-it is the identity (:math:`s \approx \tilde s`), so small outputs pass through
-unchanged ([2] uses a :math:`\tanh` the same way).
+network output, :math:`s = \tilde s / (1 + |\tilde s| / B)` with
+``log_scale_bound`` :math:`B` (default 3): :math:`|s| < B`, so one layer
+scales by at most :math:`e^{B}` and its inverse cannot blow up, while near
+:math:`\tilde s = 0` it is the identity (:math:`s \approx \tilde s`), so small
+outputs pass through unchanged ([2] uses a :math:`\tanh` the same way; this
+bound's gradient fades more slowly near :math:`B`, see
+:func:`~pyro_nflows.transforms.base.soft_clamp`).
 
 **Start at the identity.** The last layer of every coupling network starts at
 zero (as in Glow [4]), so a fresh coupling is the identity: :math:`t = 0`,
@@ -93,6 +95,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.nn.dense import ContextNet
+from pyro_nflows.transforms.autoregressive import AffineMap
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, soft_clamp
 from pyro_nflows.transforms.splines import rational_quadratic_spline
 from pyro_nflows.validation import check_count, check_input_dim, check_positive
@@ -314,15 +317,21 @@ class ConditionedAdditiveCoupling(ConditionedCoupling):
 
 
 class ConditionedAffineCoupling(ConditionedCoupling):
-    r"""RealNVP's affine coupling [2]:
+    r"""RealNVP's affine coupling [2], written in the direction that scores data:
 
-    .. math:: y_b = x_b \odot e^{s} + t, \qquad s = B \tanh(\tilde s / B),
+    .. math:: x_b = y_b \odot e^{-s} + t, \qquad y_b = (x_b - t) \odot e^{s},
+              \qquad s = \frac{\tilde s}{1 + |\tilde s| / B},
               \qquad \log|\det J| = \textstyle\sum_i s_i,
 
     with :math:`(\tilde s, t)` from the network, each of shape
     ``(..., transformed_dim)``, and the log-scale softly clamped to
-    :math:`(-B, B)`, ``B = log_scale_bound``. Inverse:
-    :math:`x_b = (y_b - t) \odot e^{-s}`.
+    :math:`(-B, B)`, ``B = log_scale_bound``: the element-wise map is
+    :class:`~pyro_nflows.transforms.autoregressive.AffineMap` with
+    ``shift_on="z"``, MAF's form. (Dinh et al. write
+    :math:`y_b = x_b e^{s} + t`, the same family; with the shift added after
+    scaling in the direction that is trained, RealNVP in ``fit`` scored
+    0.2 nats better on circles and 0.03 on rings, 3 seeds; see the
+    ``AffineMap`` docstring for why.)
     """
 
     def __init__(
@@ -335,25 +344,21 @@ class ConditionedAffineCoupling(ConditionedCoupling):
         cache_size: int = 1,
     ):
         super().__init__(input_dim, net, split_dim, reverse, cache_size=cache_size)
-        self.log_scale_bound = check_positive("log_scale_bound", log_scale_bound)
+        self.map = AffineMap(log_scale_bound, shift_on="z")
+        self.log_scale_bound = self.map.log_scale_bound
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         return [(self.transformed_dim,), (self.transformed_dim,)]
 
     def log_scale(self, unbounded: torch.Tensor) -> torch.Tensor:
-        r""":math:`s = B \tanh(\tilde s / B)`."""
+        r""":math:`s = \tilde s / (1 + |\tilde s| / B)`."""
         return soft_clamp(unbounded, self.log_scale_bound)
 
     def elementwise(self, x_b, params, inverse):
         unbounded, shift = params
         log_scale = self.log_scale(unbounded)
-        if inverse:
-            y_b = (x_b - shift) * torch.exp(-log_scale)
-            log_det = -log_scale
-        else:
-            y_b = x_b * torch.exp(log_scale) + shift
-            log_det = log_scale
-        return y_b, log_det.expand(y_b.shape)
+        y_b = self.map.apply(x_b, shift, log_scale, inverse)
+        return y_b, (-log_scale if inverse else log_scale).expand(y_b.shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", log_scale_bound={self.log_scale_bound}"
@@ -442,9 +447,10 @@ class AdditiveCoupling(ConditionedAdditiveCoupling, TransformModule):
 
 
 class AffineCoupling(ConditionedAffineCoupling, TransformModule):
-    r"""Learnable RealNVP coupling [2], :math:`y_b = x_b \odot e^{s} + t` with
-    :math:`(\tilde s, t) = \mathrm{MLP}(x_a)` and :math:`s = B\tanh(\tilde s/B)`,
-    starting at the identity.
+    r"""Learnable RealNVP coupling [2], :math:`y_b = (x_b - t) \odot e^{s}`
+    (so :math:`x_b = y_b \odot e^{-s} + t`) with
+    :math:`(\tilde s, t) = \mathrm{MLP}(x_a)` and
+    :math:`s = \tilde s / (1 + |\tilde s| / B)`, starting at the identity.
 
     Example::
 
