@@ -53,10 +53,10 @@ def soft_clamp(value: torch.Tensor, bound: float) -> torch.Tensor:
     bound)`` has a gradient that dies exponentially as it nears the bound.
     This one's dies like ``1 / value**2``, so a layer that needs a large
     log-scale (a thin ring, a sharp edge) keeps being pushed towards it.
-    Measured with ``benchmarks/density.py``'s data (MAF and RealNVP, 3 seeds):
-    together with the shift placement of :class:`~pyro_nflows.transforms.
-    autoregressive.AffineMap` it lowers the test NLL of every toy it was
-    tried on; see that class.
+    Measured together with the shift placement of
+    :class:`~pyro_nflows.transforms.autoregressive.AffineMap` (whose
+    docstring has the numbers): it lowers MAF's test NLL on circles, rings
+    and digits and leaves checkerboard where it was.
     """
     return value / (1 + value.abs() / bound)
 
