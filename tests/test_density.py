@@ -5,10 +5,14 @@ from pyro_nflows import datasets
 from pyro_nflows.density import DensityModel, check_data, fit, load
 
 
+# The Gaussian the fit tests draw from: x = MEAN + MIXING @ noise.
+MIXING = torch.tensor([[2.0, 0.0], [1.5, 0.5]])
+MEAN = torch.tensor([10.0, -3.0])
+
+
 def _gaussian_data(n=600, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    mixing = torch.tensor([[2.0, 0.0], [1.5, 0.5]])
-    return torch.randn(n, 2, generator=generator) @ mixing.T + torch.tensor([10.0, -3.0])
+    return torch.randn(n, 2, generator=generator) @ MIXING.T + MEAN
 
 
 def test_fit_learns_and_densities_are_in_data_units():
@@ -20,8 +24,7 @@ def test_fit_learns_and_densities_are_in_data_units():
     # The true density is N(mean, A A^T). KL(true || model), estimated on 20,000
     # exact draws scored by both (paired, so the draws' own noise cancels, about
     # 0.002 here), is small only if the model's densities are in the data's units.
-    mixing = torch.tensor([[2.0, 0.0], [1.5, 0.5]])
-    true = torch.distributions.MultivariateNormal(torch.tensor([10.0, -3.0]), mixing @ mixing.T)
+    true = torch.distributions.MultivariateNormal(MEAN, MIXING @ MIXING.T)
     draws = true.sample((20_000,))
     kl = (true.log_prob(draws) - model.log_prob(draws)).mean().item()
     assert 0 < kl < 0.1
