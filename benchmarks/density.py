@@ -305,16 +305,152 @@ def run_peer(
 
 
 # ---------------------------------------------------------------------------
-# The table
+# One row: a dataset, a preset and a seed, ours and every peer
 # ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one row runs; rows that differ only in ``seed`` are averaged."""
+
+    dataset: str
+    flow: str
+    seed: int
+    epochs: int
+    n: int
+    patience: int
+    peers: tuple
+
+    def settings(self) -> dict:
+        """The settings a saved row must share with this run to be reused."""
+        return {"epochs": self.epochs, "n": self.n, "patience": self.patience}
 
 
 @dataclass
 class Row:
     dataset: str
     flow: str
+    seed: int = 0
     results: Dict[str, Result] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)
+    errors: List[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        results = {
+            name: {**{k: v for k, v in vars(r).items() if k != "nll"},
+                   "nll": None if r.nll is None else r.nll.tolist()}
+            for name, r in self.results.items()
+        }
+        return {"dataset": self.dataset, "flow": self.flow, "seed": self.seed, "results": results,
+                "notes": self.notes, "errors": self.errors}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Row":
+        results = {
+            name: Result(**{**r, "nll": None if r["nll"] is None else torch.tensor(r["nll"], dtype=torch.float64)})
+            for name, r in data["results"].items()
+        }
+        return cls(data["dataset"], data["flow"], data["seed"], results, data["notes"], data["errors"])
+
+
+def load_data(name: str, n: int, seed: int):
+    data = datasets.digits(seed=seed) if name == "digits" else datasets.load_dataset(name, n, seed=seed)
+    return datasets.split(data, seed=seed)
+
+
+def run_row(job: Job) -> Row:
+    """Ours, then every peer, on one seeded split; failures are kept as errors, not raised."""
+    train, validation, test = load_data(job.dataset, job.n, job.seed)
+    row = Row(job.dataset, job.flow, job.seed)
+    try:
+        row.results["ours"] = run_ours(job.flow, train, validation, test, job.epochs, job.seed, job.patience)
+    except Exception as error:  # report it, run the other rows
+        row.errors.append(f"{job.dataset} {job.flow} seed {job.seed} ours: {type(error).__name__}: {error}")
+        return row
+    for peer in job.peers:
+        try:
+            row.results[peer] = run_peer(
+                peer, job.flow, train, validation, test, job.epochs, job.seed, row.results["ours"].parameters,
+                job.patience,
+            )
+        except Unavailable as reason:
+            row.notes[peer] = str(reason)
+        except Exception as error:
+            row.errors.append(f"{job.dataset} {job.flow} seed {job.seed} {peer}: {type(error).__name__}: {error}")
+    return row
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str], settings: dict) -> List[Row]:
+    """Every job, ``workers`` processes at a time, each row printed and (with
+    ``out``) appended to a JSON-lines file as it finishes, so that a run killed
+    half way keeps its rows and a rerun with the same ``out`` skips them."""
+    import concurrent.futures
+    import json
+    import multiprocessing
+
+    def record(row: Row) -> None:
+        print(_row_line([row]), flush=True)
+        for error in row.errors:
+            print(f"    ERROR {error}", flush=True)
+        if out is not None:
+            with open(out, "a") as handle:
+                handle.write(json.dumps({"settings": settings, "row": row.to_json()}) + "\n")
+
+    rows: List[Row] = []
+    if not jobs:
+        return rows
+    if workers <= 1:
+        for job in jobs:
+            print(f"  {job.dataset} {job.flow} seed {job.seed} ...", file=sys.stderr, flush=True)
+            rows.append(run_row(job))
+            record(rows[-1])
+        return rows
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
+        pending = [pool.submit(run_row, job) for job in jobs]
+        try:
+            for future in concurrent.futures.as_completed(pending):
+                rows.append(future.result())
+                record(rows[-1])
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {len(rows)} of {len(jobs)} rows finished"
+                  + (f" and kept in {out}" if out else ""), file=sys.stderr, flush=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return rows
+
+
+def read_rows(out: str, settings: dict) -> List[Row]:
+    """The rows a previous run with the same settings left in ``out``."""
+    import json
+
+    rows, other = [], 0
+    with open(out) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing
+                print(f"  {out}:{number}: not a complete row, ignored", file=sys.stderr)
+                continue
+            if entry["settings"] != settings:
+                other += 1
+                continue
+            rows.append(Row.from_json(entry["row"]))
+    if other:
+        print(f"  {out}: {other} rows were run with other settings than {settings} and are not used", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# The table: one line per dataset and preset, averaged over seeds
+# ---------------------------------------------------------------------------
 
 
 def _unit(dataset: str) -> tuple[str, float]:
@@ -330,61 +466,109 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def verdict(row: Row) -> tuple[List[str], str]:
-    """Per-peer 'difference ± SE' cells (in the row's unit) and PASS / worse."""
-    unit, factor = _unit(row.dataset)
-    ours = row.results.get("ours")
+def _has(row: Row, name: str) -> bool:
+    result = row.results.get(name)
+    return result is not None and result.nll is not None
+
+
+def compare(rows: Sequence[Row], peer: str) -> Optional[tuple[float, float, int, int]]:
+    """``peer - ours`` in the rows' unit, over the seeds where both ran:
+    (mean, standard error, seeds where ours is better, seeds).
+
+    One seed: the paired difference per test point and its standard error,
+    which covers test-point noise only. Several seeds: the mean over seeds of
+    each seed's mean difference, and the standard error of that mean from
+    the spread between seeds, which covers the whole noise of a seed (its
+    data, split, initialisation, and where early stopping fired).
+    """
+    factor = _unit(rows[0].dataset)[1]
+    differences = [(row.results[peer].nll - row.results["ours"].nll) * factor
+                   for row in rows if _has(row, "ours") and _has(row, peer)]
+    if not differences:
+        return None
+    means = torch.stack([d.mean() for d in differences])
+    if len(differences) == 1:
+        se = differences[0].std().item() / math.sqrt(len(differences[0]))
+    else:
+        se = means.std().item() / math.sqrt(len(means))
+    return means.mean().item(), se, int((means > 0).sum()), len(means)
+
+
+def verdict(rows: Sequence[Row]) -> tuple[List[str], str]:
+    """Per-peer 'difference ± SE' cells and PASS / worse for one dataset and preset."""
     cells, worse = [], []
     for peer in PEERS:
-        theirs = row.results.get(peer)
-        if ours is None or ours.nll is None or theirs is None or theirs.nll is None:
+        comparison = compare(rows, peer)
+        if comparison is None:
             cells.append(DASH)
             continue
-        difference = (theirs.nll - ours.nll) * factor  # > 0: ours better
-        mean = difference.mean().item()
-        se = difference.std().item() / math.sqrt(len(difference))
-        cells.append(f"{mean:+.3f}±{se:.3f}")
+        mean, se, won, seeds = comparison
+        cells.append(f"{mean:+.3f}±{se:.3f}" + (f" ({won}/{seeds})" if seeds > 1 else ""))
         if not math.isfinite(mean) or mean < -2 * se:
             worse.append(peer)
-    if ours is None or ours.nll is None:
+    if not any(_has(row, "ours") for row in rows):
         return cells, "ERROR"
-    if not any(row.results.get(p) and row.results[p].nll is not None for p in PEERS):
+    if all(cell == DASH for cell in cells):
         return cells, DASH
     return cells, "PASS" if not worse else "worse than " + ", ".join(worse)
 
 
-def _score(result: Optional[Result], factor: float) -> str:
-    if result is None or result.nll is None:
+def _mean(values: List[float], digits: Optional[int]) -> str:
+    """The mean to ``digits`` decimals (None: 1 below 10, else 0), or a dash for none."""
+    if not values:
         return DASH
-    return f"{result.nll.mean().item() * factor:.3f}"
+    mean = sum(values) / len(values)
+    return f"{mean:.{digits if digits is not None else (1 if mean < 10 else 0)}f}"
 
 
-def _row_line(row: Row) -> str:
-    unit, factor = _unit(row.dataset)
-    cells, outcome = verdict(row)
-    parts = [f"{name} {_score(row.results.get(name), factor)}" for name in ["ours", *PEERS]]
-    seconds = "/".join(f"{r.seconds:.0f}" for r in row.results.values())
-    return f"  {row.dataset} {row.flow} ({unit}): " + ", ".join(parts) + f"; peer-ours {', '.join(cells)}; {seconds} s; {outcome}"
+def _score(rows: Sequence[Row], name: str) -> str:
+    factor = _unit(rows[0].dataset)[1]
+    return _mean([row.results[name].nll.mean().item() * factor for row in rows if _has(row, name)], 3)
 
 
-def print_table(rows: Sequence[Row]) -> int:
-    headers = ["dataset", "flow", "ours", "zuko", "nflows", "zuko-ours", "nflows-ours",
+def _row_line(rows: Sequence[Row]) -> str:
+    """One seed's row (or several seeds'), as printed while the table runs."""
+    unit = _unit(rows[0].dataset)[0]
+    cells, outcome = verdict(rows)
+    parts = [f"{name} {_score(rows, name)}" for name in ["ours", *PEERS]]
+    seconds = "/".join(f"{r.seconds:.0f}" for r in rows[0].results.values())
+    seeds = " ".join(str(row.seed) for row in rows)
+    return (f"  {rows[0].dataset} {rows[0].flow} seed {seeds} ({unit}): " + ", ".join(parts)
+            + f"; peer-ours {', '.join(cells)}; {seconds} s; {outcome}")
+
+
+def group(rows: Sequence[Row]) -> List[List[Row]]:
+    """Rows by (dataset, preset), in first-seen order, each sorted by seed."""
+    groups: Dict[tuple, List[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.flow), []).append(row)
+    return [sorted(members, key=lambda row: row.seed) for members in groups.values()]
+
+
+def print_table(rows: Sequence[Row]) -> tuple[int, int]:
+    headers = ["dataset", "flow", "seeds", "ours", "zuko", "nflows", "zuko-ours", "nflows-ours",
                "params o/z/n", "seconds o/z/n", "epochs o/z/n", "result"]
     lines, passed, total = [], 0, 0
-    for row in rows:
-        unit, factor = _unit(row.dataset)
-        cells, outcome = verdict(row)
-        if outcome not in (DASH,):
+    for members in group(rows):
+        first = members[0]
+        unit = _unit(first.dataset)[0]
+        cells, outcome = verdict(members)
+        if outcome != DASH:
             total += 1
             passed += outcome == "PASS"
-        results = [row.results.get(name) for name in ["ours", *PEERS]]
+        names = ["ours", *PEERS]
+
+        def per(name: str, value: Callable[[Result], float], digits: Optional[int]) -> str:
+            return _mean([value(row.results[name]) for row in members if name in row.results], digits)
+
         lines.append(
-            [row.dataset + (" (bits)" if unit == "bits" else ""), row.flow]
-            + [_score(r, factor) for r in results]
+            [first.dataset + (" (bits)" if unit == "bits" else ""), first.flow, str(len(members))]
+            + [_score(members, name) for name in names]
             + cells
-            + ["/".join(f"{r.parameters / 1000:.1f}k" if r else DASH for r in results)]
-            + ["/".join((f"{r.seconds:.0f}" if r.seconds >= 10 else f"{r.seconds:.1f}") if r else DASH for r in results)]
-            + ["/".join(f"{r.epochs}" if r else DASH for r in results)]
+            + ["/".join(f"{first.results[name].parameters / 1000:.1f}k" if name in first.results else DASH
+                        for name in names)]
+            + ["/".join(per(name, lambda r: r.seconds, None) for name in names)]
+            + ["/".join(per(name, lambda r: r.epochs, 0) for name in names)]
             + [outcome]
         )
     print(_table(headers, lines))
@@ -418,15 +602,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS, help="peers to run (default: both)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap for every model (default 100; --quick 20)")
     parser.add_argument("--n", type=int, default=None, help="points drawn from each 2-D toy (default 10000; --quick 5000)")
-    parser.add_argument("--seed", type=int, default=0, help="data, split and initialisation seed")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0],
+        help="data, split and initialisation seeds; each row is averaged over them (default: 0)",
+    )
     parser.add_argument(
         "--patience", type=int, default=PATIENCE,
         help=f"early-stopping patience for ours and the peers alike (default: fit's, {PATIENCE})",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, one process each (default 1)")
+    parser.add_argument(
+        "--out", default=None,
+        help="JSON-lines file each finished row is appended to; rerunning with the same file and settings "
+             "skips the rows already in it (resume an interrupted table, or add seeds)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: checkerboard, two_moons and digits, few epochs")
     parser.add_argument("--target", action="store_true", help="also run the checkerboard nsf target with fit's defaults")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -441,61 +638,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"epochs<={epochs} (patience {args.patience})  batch {BATCH_SIZE}  lr {LR} cosine  toys n={n} (80/10/10 split)  "
-        f"seed {args.seed}  threads {args.threads}  load {load:.2f} on {os.cpu_count()} cores  "
-        f"{platform.python_implementation()} {platform.python_version()}"
+        f"seeds {' '.join(map(str, args.seeds))}  {args.jobs} processes x {args.threads} threads  "
+        f"load {load:.2f} on {os.cpu_count()} cores  {platform.python_implementation()} {platform.python_version()}"
     )
     print("scores: test negative log-likelihood per point, lower is better (nats; checkerboard in bits, truth 5.00)\n",
           flush=True)
 
     start = time.perf_counter()
-    rows: List[Row] = []
-    errors: List[str] = []
-    for name in names:
-        if name == "digits":
-            data = datasets.digits(seed=args.seed)
-            flows = args.flows or DIGITS_FLOWS
-        else:
-            data = datasets.load_dataset(name, n, seed=args.seed)
-            flows = args.flows or FLOWS
-        train, validation, test = datasets.split(data, seed=args.seed)
-        for flow in flows:
-            row = Row(name, flow)
-            rows.append(row)
-            print(f"  {name} {flow}: ours ...", end="", flush=True, file=sys.stderr)
-            try:
-                row.results["ours"] = run_ours(flow, train, validation, test, epochs, args.seed, args.patience)
-            except Exception as error:  # report it, run the others
-                errors.append(f"{name} {flow} ours: {type(error).__name__}: {error}")
-                continue
-            for peer in args.peers:
-                print(f" {peer} ...", end="", flush=True, file=sys.stderr)
-                try:
-                    row.results[peer] = run_peer(
-                        peer, flow, train, validation, test, epochs, args.seed, row.results["ours"].parameters,
-                        args.patience,
-                    )
-                except Unavailable as reason:
-                    row.notes[peer] = str(reason)
-                except Exception as error:
-                    errors.append(f"{name} {flow} {peer}: {type(error).__name__}: {error}")
-            print(" done", file=sys.stderr, flush=True)
-            print(_row_line(row), flush=True)  # as it comes: a long run killed half way keeps its rows
-
+    jobs = [
+        Job(name, flow, seed, epochs, n, args.patience, tuple(args.peers))
+        for name in names
+        for flow in (args.flows or (DIGITS_FLOWS if name == "digits" else FLOWS))
+        for seed in args.seeds
+    ]
+    settings = jobs[0].settings() if jobs else {}
+    done: Dict[tuple, Row] = {}
+    if args.out and os.path.exists(args.out):
+        for row in read_rows(args.out, settings):
+            done[(row.dataset, row.flow, row.seed)] = row  # a row run twice: the later one
+        print(f"  {args.out}: {len(done)} rows already run with these settings are reused\n", file=sys.stderr)
+    todo = [job for job in jobs if (job.dataset, job.flow, job.seed) not in done]
+    if args.jobs > 1:  # the longest rows first, so that no process is left with one at the end
+        todo.sort(key=lambda job: job.dataset != "digits")
+    for row in run_jobs(todo, args.jobs, args.threads, args.out, settings):
+        done[(row.dataset, row.flow, row.seed)] = row
+    # A table in the order asked for, whichever process finished first.
+    rows = [done[key] for key in ((j.dataset, j.flow, j.seed) for j in jobs) if key in done]
     print()
     passed, total = print_table(rows)
+    many = len(args.seeds) > 1
     print(
         "\nzuko-ours, nflows-ours: mean paired difference of test NLL per point ± its standard error "
-        "(> 0: ours is better); PASS: ours <= every peer + 2 SE."
+        + ("over seeds (in brackets: the seeds where ours is better)" if many else "over test points")
+        + " (> 0: ours is better); PASS: ours <= every peer + 2 SE."
     )
-    print("params: ours/zuko/nflows; seconds: training wall time; epochs: run before early stopping.")
+    print("params: ours/zuko/nflows; seconds, epochs: training wall time and epochs run before early stopping"
+          + (", means over seeds." if many else "."))
     for row in rows:
         for peer, note in row.notes.items():
-            print(f"  {row.dataset} {row.flow}: {peer} {DASH} {note}")
+            print(f"  {row.dataset} {row.flow} seed {row.seed}: {peer} {DASH} {note}")
+    errors = [error for row in rows for error in row.errors]
     print(f"Rows: {passed}/{total} PASS")
     for error in errors:
         print(f"  ERROR {error}")
     if args.target:
-        run_target(args.seed)
+        run_target(args.seeds[0])
     print(f"({time.perf_counter() - start:.0f} s)")
     return 1 if errors else 0
 

@@ -2,6 +2,9 @@
 are autoregressive, the one-pass inversion agrees with the naive loop, the
 cheap directions really are single passes, float64 works."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from checks import moved
@@ -77,6 +80,20 @@ def test_gradients_through_the_sequential_direction_match_the_naive_loop():
 
     for fast, naive in zip(gradients(flow.made.invert), gradients(flow.made.invert_reference)):
         assert torch.allclose(fast, naive, atol=1e-10)
+
+
+def test_a_flow_that_has_sampled_can_be_copied_after_an_update():
+    # The one-pass sampler keeps views of the parameters; copies must not carry them.
+    torch.manual_seed(0)
+    flow = maf(5).double()
+    z = torch.randn(7, 5, dtype=torch.float64)
+    with torch.no_grad():
+        flow(z)
+        for parameter in flow.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    for copied in (copy.deepcopy(flow), pickle.loads(pickle.dumps(flow))):
+        with torch.no_grad():
+            assert torch.equal(copied(z), flow(z))
 
 
 def test_maf_scores_and_iaf_samples_in_one_network_pass(monkeypatch):

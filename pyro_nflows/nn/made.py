@@ -254,6 +254,16 @@ class MADE(nn.Module):
         self._workspace_key = key
         return self._workspace_cache
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the sampling workspace behind: it holds
+        views of the parameters taken under ``no_grad``, which a copy would
+        detach from the copied parameters (and ``copy.deepcopy`` refuses once
+        the parameters have been updated in place)."""
+        state = self.__dict__.copy()
+        state.pop("_workspace_cache", None)
+        state.pop("_workspace_key", None)
+        return state
+
     def _invert_in_place(self, w_rows, step, context_term, step_into) -> torch.Tensor:
         """``w_rows``: the D coordinates of ``w`` in generation order, shape ``(B,)`` each."""
         inputs, input_rows, theta, theta_rows, theta_by_point, steps = self._workspace(w_rows[0].shape[0], w_rows[0])
