@@ -10,8 +10,9 @@ import torch
 from checks import moved
 
 from pyro_nflows.nn import MADE
+from pyro_nflows.nn import made as made_module
 from pyro_nflows.transforms import conditional_iaf, conditional_maf, iaf, maf, spline_autoregressive
-from pyro_nflows.transforms.autoregressive import AffineMap, GatedAffineMap, SplineMap
+from pyro_nflows.transforms.autoregressive import AffineMap, GatedAffineMap, SplineMap, data_affine_map
 from pyro_nflows.transforms.base import soft_clamp
 
 
@@ -41,12 +42,22 @@ def test_made_context_reaches_the_first_coordinate():
 
 @pytest.mark.parametrize(
     "elementwise",
-    [AffineMap(), AffineMap(shift_on="z"), GatedAffineMap(), SplineMap(5)],
-    ids=["affine-iaf", "affine-maf", "gated", "spline"],
+    [
+        AffineMap(),
+        data_affine_map(),
+        AffineMap(shift_on="x", clamp="softsign"),
+        AffineMap(shift_on="z", clamp="tanh"),
+        GatedAffineMap(),
+        SplineMap(5),
+    ],
+    ids=["affine-iaf", "affine-maf", "affine-x-softsign", "affine-z-tanh", "gated", "spline"],
 )
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 @pytest.mark.parametrize("context_dim", [None, 2])
-def test_one_pass_inversion_matches_the_naive_loop(elementwise, direction, context_dim):
+@pytest.mark.parametrize("fused_relu", [True, False], ids=["default", "addmm-then-relu"])
+def test_one_pass_inversion_matches_the_naive_loop(elementwise, direction, context_dim, fused_relu, monkeypatch):
+    if not fused_relu:  # the path for a torch without the fused addmm + relu
+        monkeypatch.setattr(made_module, "_addmm_relu", None)
     torch.manual_seed(0)
     made = moved(MADE(7, [30, 25], elementwise.param_dim, context_dim=context_dim, ordering="reversed"), 0.1)
     w = torch.randn(11, 7)
@@ -153,17 +164,24 @@ def test_bad_hyper_parameters_raise(make, message):
         make()
 
 
-def test_affine_map_adds_the_shift_on_the_side_it_names():
-    """IAF's form x = z e^s + m and MAF's z = x e^{-s} + m, s the soft-clamped
-    log-scale; each is the other direction's exact inverse (checks.py)."""
-    theta = torch.randn(5, 3, 2, dtype=torch.float64)
-    shift, log_scale = theta[..., 0], soft_clamp(theta[..., 1], 3.0)
+def test_affine_maps_of_iaf_and_maf_have_their_forms_and_bounds():
+    """IAF's form x = z e^s + m with s = 3 tanh(s~ / 3), and MAF's (and
+    RealNVP's) z = x e^{-s} + m with s = s~ / (1 + |s~| / 3); each is the other
+    direction's exact inverse (checks.py)."""
+    theta = 4 * torch.randn(5, 3, 2, dtype=torch.float64)
+    shift, raw = theta[..., 0], theta[..., 1]
     z, x = torch.randn(2, 5, 3, dtype=torch.float64)
-    iaf_x, iaf_log_det = AffineMap().forward(z, theta)
-    maf_z, maf_log_det = AffineMap(shift_on="z").inverse(x, theta)
-    assert torch.allclose(iaf_x, z * log_scale.exp() + shift, rtol=0, atol=1e-12)
-    assert torch.allclose(maf_z, x * torch.exp(-log_scale) + shift, rtol=0, atol=1e-12)
-    assert torch.equal(iaf_log_det, log_scale) and torch.equal(maf_log_det, log_scale)
-    assert (log_scale.abs() < 3.0).all()
+    iaf_x, iaf_log_det = iaf(3).elementwise.forward(z, theta)
+    maf_z, maf_log_det = maf(3).elementwise.inverse(x, theta)
+    iaf_log_scale, maf_log_scale = 3 * torch.tanh(raw / 3), raw / (1 + raw.abs() / 3)
+    assert torch.allclose(iaf_x, z * iaf_log_scale.exp() + shift, rtol=0, atol=1e-12)
+    assert torch.allclose(maf_z, x * torch.exp(-maf_log_scale) + shift, rtol=0, atol=1e-12)
+    assert torch.allclose(iaf_log_det, iaf_log_scale, rtol=0, atol=1e-12)
+    assert torch.allclose(maf_log_det, maf_log_scale, rtol=0, atol=1e-12)
+    assert (iaf_log_scale.abs() < 3.0).all() and (maf_log_scale.abs() < 3.0).all()
     with pytest.raises(ValueError, match="shift_on must be 'x'"):
         AffineMap(shift_on="data")
+    with pytest.raises(ValueError, match="clamp must be one of"):
+        AffineMap(clamp="sigmoid")
+    with pytest.raises(ValueError, match="shape must be one of"):
+        soft_clamp(raw, 3.0, "hard")

@@ -95,8 +95,8 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.nn.dense import ContextNet
-from pyro_nflows.transforms.autoregressive import AffineMap
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, soft_clamp
+from pyro_nflows.transforms.autoregressive import data_affine_map
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
 from pyro_nflows.transforms.splines import rational_quadratic_spline
 from pyro_nflows.validation import check_count, check_input_dim, check_positive
 
@@ -346,7 +346,7 @@ class ConditionedAffineCoupling(ConditionedCoupling):
         cache_size: int = 1,
     ):
         super().__init__(input_dim, net, split_dim, reverse, cache_size=cache_size)
-        self.map = AffineMap(log_scale_bound, shift_on="z")
+        self.map = data_affine_map(log_scale_bound)
 
     @property
     def log_scale_bound(self) -> float:
@@ -357,7 +357,7 @@ class ConditionedAffineCoupling(ConditionedCoupling):
 
     def log_scale(self, unbounded: torch.Tensor) -> torch.Tensor:
         r""":math:`s = \tilde s / (1 + |\tilde s| / B)`."""
-        return soft_clamp(unbounded, self.log_scale_bound)
+        return self.map.log_scale(unbounded)
 
     def elementwise(self, x_b, params, inverse):
         unbounded, shift = params
