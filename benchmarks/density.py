@@ -2,10 +2,11 @@ r"""Quality of ``pyro_nflows.fit`` as a density estimator, against zuko and nflo
 
 Run from the repository root::
 
-    python benchmarks/density.py                   # the full table (~40 min on 2 cores shared with other work)
+    python benchmarks/density.py                   # the full table, seed 0 (~40 min on 2 cores)
+    python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl   # averaged over 3 seeds, resumable
     python benchmarks/density.py --quick           # smoke run, about 2 minutes
     python benchmarks/density.py --datasets checkerboard two_moons --flows nsf --epochs 50
-    python benchmarks/density.py --datasets rings --flows realnvp --seed 1 --patience 100   # no early stopping
+    python benchmarks/density.py --datasets rings --flows realnvp --seeds 1 --patience 100   # no early stopping
     python benchmarks/density.py --target          # also: fit(checkerboard, flow="nsf") with defaults (~6 min more)
 
 **What is compared.** For every dataset and every preset (``maf``, ``nsf``,
@@ -41,11 +42,14 @@ patience and best-weights rule. Every model starts from the same torch seed.
 **The score.** Test negative log-likelihood per point (lower is better), in
 nats, and in bits for ``checkerboard`` (NLL / ln 2), whose true entropy is
 exactly 5.00 bits (published flows reach 5.05 to 5.08). Next to each peer
-the paired difference ``peer - ours`` and its standard error over test
-points; a row PASSes when ours is at least as good as every peer up to noise
-(``ours <= peer + 2 SE``) and prints ``worse`` otherwise. Train seconds are
-wall time (they include validation passes); parameter counts are printed so
-that the sizes can be checked.
+the paired difference ``peer - ours`` and its standard error; a row PASSes
+when ours is at least as good as every peer up to noise (``ours <= peer + 2
+SE``) and prints ``worse`` otherwise. With one seed the standard error is
+over test points; with ``--seeds`` each seed's mean difference is one
+observation, the row shows their mean, its standard error from the spread
+between seeds, and in brackets the seeds where ours is better. Train seconds
+are wall time (they include validation passes); parameter counts are printed
+so that the sizes can be checked.
 
 **Data.** The 2-D toys draw ``--n`` points (default ``datasets.DEFAULT_N``
 = 10,000: 8,000 train, 1,000 validation, 1,000 test; ``--n 100000`` is the
@@ -53,10 +57,20 @@ papers' size and about ten times slower) with ``--seed``; ``digits`` is
 scikit-learn's 1,797 dequantized 8 x 8 images (64-D; 1,437 / 180 / 180), for
 ``maf`` and ``nsf`` only unless ``--flows`` says otherwise.
 
-**Noise.** The ``± SE`` covers test-point noise only. Training noise (the
-seed, and where early stopping happens to fire on a noisy 1,000-point
-validation set) is often larger on the toys: rerun with ``--seed 1``,
-``--seed 2`` before reading much into a single ``worse``.
+**Noise.** With one seed, the ``± SE`` covers test-point noise only.
+Training noise (the seed, and where early stopping happens to fire on a noisy
+1,000-point validation set) is often larger on the toys: the same
+configuration moves by 0.1-0.3 nats from seed to seed, for every library. So
+read the table averaged over seeds (``--seeds 0 1 2``), whose standard error
+covers both.
+
+**Running it.** ``--jobs N`` runs N rows at once, one process each (with
+``--threads`` torch threads each; the seconds column is then inflated by
+whatever shares the machine, the scores are not: a row's result depends only
+on its seed). ``--out FILE`` appends each finished row to a JSON-lines file;
+rerunning with the same file and settings reuses the rows already there,
+so an interrupted table resumes where it stopped, and more seeds can be added
+later.
 
 **The checkerboard target** (``--target``): ``fit(train, flow="nsf",
 progress=False)`` with every other argument at its default, on the train part

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--guides", nargs="+", help="guide names (see --list); default all")
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps on the funnel")
-    parser.add_argument("--schools-steps", type=int, default=1500, help="SVI steps on eight schools")
+    parser.add_argument("--schools-steps", type=int, default=1500, help="SVI steps on eight schools (0: skip it)")
     parser.add_argument("--particles", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--init-scale", type=float, default=1.0)
@@ -196,6 +196,9 @@ def main(argv=None) -> int:
     if options.quick:
         options.steps, options.schools_steps, options.particles, options.eval_samples = 300, 200, 16, 5000
         options.guides = options.guides or QUICK
+    if options.steps < 1 or options.schools_steps < 0:
+        parser.error(f"--steps must be at least 1 and --schools-steps at least 0, got {options.steps} and "
+                     f"{options.schools_steps}")
     known = {entry.name: entry for entry in GUIDES}
     unknown = [name for name in options.guides or [] if name not in known]
     if unknown:
@@ -220,13 +223,17 @@ def main(argv=None) -> int:
     for entry in entries:
         start = time.perf_counter()
         funnel_result = run_funnel(entry, options)
-        schools_result = run_schools(entry, options, reference)
+        if options.schools_steps:
+            schools = run_schools(entry, options, reference)
+            schools_cells = (f"{schools['mu']:>6.2f} {schools['tau']:>6.2f} {schools['theta']:>8.2f} "
+                             f"{schools['sd_log_tau']:>15.2f}")
+        else:
+            schools_cells = f"{'—':>6} {'—':>6} {'—':>8} {'—':>15}"
         seconds = time.perf_counter() - start
         rows.append((entry, funnel_result))
         elbo = f"{funnel_result['elbo']:.3f} ± {funnel_result['elbo_se']:.3f}"
-        print(f"{entry.name:<48} {elbo:>17} {funnel_result['sd_y']:>6.2f} | {schools_result['mu']:>6.2f} "
-              f"{schools_result['tau']:>6.2f} {schools_result['theta']:>8.2f} {schools_result['sd_log_tau']:>15.2f} "
-              f"| {seconds:>7.0f}", flush=True)
+        print(f"{entry.name:<48} {elbo:>17} {funnel_result['sd_y']:>6.2f} | {schools_cells} | {seconds:>7.0f}",
+              flush=True)
 
     ours = [(entry, result) for entry, result in rows if entry.ours]
     if ours:
