@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/density.py                   # the full table, seed 0 (~40 min on 2 cores)
     python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl   # averaged over 3 seeds, resumable
+    python benchmarks/density.py --seeds 0 1 2 --out table.jsonl --report   # the table of the rows kept so far
     python benchmarks/density.py --quick           # smoke run, about 2 minutes
     python benchmarks/density.py --datasets checkerboard two_moons --flows nsf --epochs 50
     python benchmarks/density.py --datasets rings --flows realnvp --seeds 1 --patience 100   # no early stopping
@@ -631,11 +632,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="JSON-lines file each finished row is appended to; rerunning with the same file and settings "
              "skips the rows already in it (resume an interrupted table, or add seeds)",
     )
+    parser.add_argument(
+        "--report", action="store_true",
+        help="run nothing: print the table of the rows already in --out (say, while another run fills it)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: checkerboard, two_moons and digits, few epochs")
     parser.add_argument("--target", action="store_true", help="also run the checkerboard nsf target with fit's defaults")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
+    if args.report and not (args.out and os.path.exists(args.out)):
+        parser.error("--report prints the rows kept in --out FILE; give an existing FILE")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
 
@@ -671,7 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for row in read_rows(args.out, settings):
             done[(row.dataset, row.flow, row.seed)] = row  # a row run twice: the later one
         print(f"  {args.out}: {len(done)} rows already run with these settings are reused\n", file=sys.stderr)
-    todo = [job for job in jobs if (job.dataset, job.flow, job.seed) not in done]
+    todo = [] if args.report else [job for job in jobs if (job.dataset, job.flow, job.seed) not in done]
     if args.jobs > 1:  # the longest rows first, so that no process is left with one at the end
         todo.sort(key=lambda job: job.dataset != "digits")
     for row in run_jobs(todo, args.jobs, args.threads, args.out, settings):
@@ -695,7 +702,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Rows: {passed}/{total} PASS")
     for error in errors:
         print(f"  ERROR {error}")
-    if args.target:
+    if args.report and len(rows) < len(jobs):
+        print(f"  --report: {len(jobs) - len(rows)} of the {len(jobs)} rows asked for are not in {args.out} yet")
+    if args.target and not args.report:
         run_target(args.seeds[0])
     print(f"({time.perf_counter() - start:.0f} s)")
     return 1 if errors else 0
