@@ -45,31 +45,6 @@ from pyro_nflows.validation import check_count, check_event
 __all__ = ["MADE"]
 
 
-def _find_addmm_relu() -> Callable[..., torch.Tensor] | None:
-    """torch's fused ``relu(bias + weight @ x)`` (``torch._addmm_activation``),
-    if this build has it for the CPU; ``None`` otherwise.
-
-    The sequential direction's in-place steps are small enough that each costs
-    its number of operations: fusing the ReLU into the matrix product removes
-    one operation of about ten per step. The op is private to torch, so it
-    is probed once here, and without it the same result comes from
-    ``addmm`` followed by ``relu_`` (the tests check both against the naive
-    loop).
-    """
-    fused = getattr(torch, "_addmm_activation", None)
-    if fused is None:
-        return None
-    try:
-        out = torch.empty(2, 1)
-        fused(torch.tensor([[-1.0], [1.0]]), torch.ones(2, 1), torch.zeros(1, 1), out=out)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return None
-    return fused if torch.equal(out, torch.tensor([[0.0], [1.0]])) else None
-
-
-_addmm_relu = _find_addmm_relu()
-
-
 def _ordering(input_dim: int, ordering) -> torch.Tensor:
     """The coordinates in the order they are generated."""
     if isinstance(ordering, str):
@@ -293,14 +268,10 @@ class MADE(nn.Module):
         """``w_rows``: the D coordinates of ``w`` in generation order, shape ``(B,)`` each."""
         inputs, input_rows, theta, theta_rows, theta_by_point, steps = self._workspace(w_rows[0].shape[0], w_rows[0])
         relu = self.nonlinearity is F.relu
-        fused_relu = relu and _addmm_relu is not None
         for w_k, u_k, (operations, weight, bias, last) in zip(w_rows, input_rows, steps):
             for layer, start, end, block_weight, block_bias, source, target in operations:
                 if layer == 0 and context_term is not None:
                     block_bias = block_bias + context_term[start:end]
-                if fused_relu:
-                    _addmm_relu(block_bias, block_weight, source, out=target)
-                    continue
                 torch.addmm(block_bias, block_weight, source, out=target)
                 if relu:
                     target.relu_()
