@@ -85,9 +85,12 @@ The table is a report, not a test: the exit status is 0 unless a run errors.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import inspect
+import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -404,10 +407,6 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str]
     """Every job, ``workers`` processes at a time, each row printed and (with
     ``out``) appended to a JSON-lines file as it finishes, so that a run killed
     half way keeps its rows and a rerun with the same ``out`` skips them."""
-    import concurrent.futures
-    import json
-    import multiprocessing
-
     def record(row: Row) -> None:
         print(_row_line([row]), flush=True)
         for error in row.errors:
@@ -442,8 +441,6 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str]
 
 def read_rows(out: str, settings: dict) -> List[Row]:
     """The rows a previous run with the same settings left in ``out``."""
-    import json
-
     rows, other = [], 0
     with open(out) as handle:
         for number, line in enumerate(handle, 1):

@@ -121,7 +121,7 @@ class AffineMap:
         self.clamp = clamp
 
     def log_scale(self, unbounded: torch.Tensor) -> torch.Tensor:
-        """The bounded log-scale :math:`s` of the network's output :math:`\tilde s`."""
+        r"""The bounded log-scale :math:`s` of the network's output :math:`\tilde s`."""
         return soft_clamp(unbounded, self.log_scale_bound, self.clamp)
 
     def _shift_log_scale(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
