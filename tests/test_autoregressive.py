@@ -10,9 +10,17 @@ import torch
 from checks import moved
 
 from pyro_nflows.nn import MADE
-from pyro_nflows.transforms import conditional_iaf, conditional_maf, iaf, maf, spline_autoregressive
+from pyro_nflows.transforms import (
+    conditional_iaf,
+    conditional_maf,
+    conditional_spline_autoregressive,
+    iaf,
+    maf,
+    spline_autoregressive,
+)
 from pyro_nflows.transforms.autoregressive import AffineMap, GatedAffineMap, SplineMap, data_affine_map
 from pyro_nflows.transforms.base import soft_clamp
+from pyro_nflows.transforms.splines import rational_quadratic_spline
 
 
 @pytest.mark.parametrize("ordering", ["natural", "reversed", torch.tensor([3, 0, 5, 1, 4, 2])])
@@ -48,8 +56,9 @@ def test_made_context_reaches_the_first_coordinate():
         AffineMap(shift_on="z", clamp="tanh"),
         GatedAffineMap(),
         SplineMap(5),
+        SplineMap(5, spline_from="x"),
     ],
-    ids=["affine-iaf", "affine-maf", "affine-x-softsign", "affine-z-tanh", "gated", "spline"],
+    ids=["affine-iaf", "affine-maf", "affine-x-softsign", "affine-z-tanh", "gated", "spline-iaf", "spline-maf"],
 )
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 @pytest.mark.parametrize("context_dim", [None, 2])
@@ -181,3 +190,28 @@ def test_affine_maps_of_iaf_and_maf_have_their_forms_and_bounds():
         AffineMap(clamp="sigmoid")
     with pytest.raises(ValueError, match="shape must be one of"):
         soft_clamp(raw, 3.0, "hard")
+
+
+@pytest.mark.parametrize("direction", ["maf", "iaf"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_spline_flows_evaluate_the_spline_in_their_trained_direction(direction, conditional):
+    """NSF (``direction="maf"``) scores data as z = r(x), r the rational-quadratic
+    spline; the IAF-direction flow samples as x = r(z)."""
+    torch.manual_seed(0)
+    if conditional:
+        flow = conditional_spline_autoregressive(3, 2, count_bins=4, direction=direction).condition(torch.randn(2))
+    else:
+        flow = spline_autoregressive(3, count_bins=4, direction=direction)
+    theta = torch.randn(6, 3, flow.elementwise.param_dim, dtype=torch.float64)
+    value = 2 * torch.randn(6, 3, dtype=torch.float64)
+    k = 4
+    spline = rational_quadratic_spline(value, theta[..., :k], theta[..., k : 2 * k], theta[..., 2 * k :], bound=3.0)
+    if direction == "maf":
+        evaluated, log_det = flow.elementwise.inverse(value, theta)  # data -> noise
+        assert torch.allclose(log_det, -spline[1], rtol=0, atol=1e-12)
+    else:
+        evaluated, log_det = flow.elementwise.forward(value, theta)  # noise -> data
+        assert torch.allclose(log_det, spline[1], rtol=0, atol=1e-12)
+    assert torch.allclose(evaluated, spline[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="spline_from must be 'z'"):
+        SplineMap(4, spline_from="data")

@@ -65,10 +65,10 @@ def test_load_refuses_other_files(tmp_path):
     DensityModel(2, num_layers=1).save(path)
     payload = torch.load(path, weights_only=True)
     torch.save({**payload, "format": 1}, path)
-    with pytest.raises(ValueError, match="has format 1; this version reads 3 .*shift is added.*IAF layers went back"):
+    with pytest.raises(ValueError, match="has format 1; this version reads 4 .*shift is added.*IAF layers went back"):
         load(path)
-    torch.save({**payload, "format": 2}, path)
-    with pytest.raises(ValueError, match="has format 2; this version reads 3 .*IAF .*fit or train the model again"):
+    torch.save({**payload, "format": 3}, path)
+    with pytest.raises(ValueError, match="has format 3; this version reads 4 .*NSF.*fit or train the model again"):
         load(path)
 
 

