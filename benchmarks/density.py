@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/density.py                   # the full table, seed 0 (~40 min on 2 cores)
     python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl   # averaged over 3 seeds, resumable
     python benchmarks/density.py --seeds 0 1 2 --out table.jsonl --report   # the table of the rows kept so far
+    python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl --flows nsf --rerun --peers   # re-score ours only
     python benchmarks/density.py --quick           # smoke run, about 2 minutes
     python benchmarks/density.py --datasets checkerboard two_moons --flows nsf --epochs 50
     python benchmarks/density.py --datasets rings --flows realnvp --seeds 1 --patience 100   # no early stopping
@@ -351,7 +352,7 @@ class Row:
     seed: int = 0
     results: Dict[str, Result] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)
-    errors: List[str] = field(default_factory=list)
+    errors: Dict[str, str] = field(default_factory=dict)  # contestant -> what went wrong
 
     def to_json(self) -> dict:
         results = {
@@ -368,7 +369,21 @@ class Row:
             name: Result(**{**r, "nll": None if r["nll"] is None else torch.tensor(r["nll"], dtype=torch.float64)})
             for name, r in data["results"].items()
         }
-        return cls(data["dataset"], data["flow"], data["seed"], results, data["notes"], data["errors"])
+        return cls(data["dataset"], data["flow"], data["seed"], results, data["notes"], dict(data["errors"]))
+
+    def contestants(self) -> set:
+        """Everyone this row ran: with a result, a note (unavailable) or an error."""
+        return set(self.results) | set(self.notes) | set(self.errors)
+
+    def updated_by(self, newer: "Row") -> "Row":
+        """This row with every contestant that ``newer`` ran replaced by ``newer``'s outcome."""
+        ran = newer.contestants()
+
+        def keep(outcomes: dict, new: dict) -> dict:
+            return {**{k: v for k, v in outcomes.items() if k not in ran}, **new}
+
+        return Row(self.dataset, self.flow, self.seed, keep(self.results, newer.results),
+                   keep(self.notes, newer.notes), keep(self.errors, newer.errors))
 
 
 def load_data(name: str, n: int, seed: int):
@@ -383,7 +398,7 @@ def run_row(job: Job) -> Row:
     try:
         row.results["ours"] = run_ours(job.flow, train, validation, test, job.epochs, job.seed, job.patience)
     except Exception as error:  # report it, run the other rows
-        row.errors.append(f"{job.dataset} {job.flow} seed {job.seed} ours: {type(error).__name__}: {error}")
+        row.errors["ours"] = f"{type(error).__name__}: {error}"
         return row
     for peer in job.peers:
         try:
@@ -394,7 +409,7 @@ def run_row(job: Job) -> Row:
         except Unavailable as reason:
             row.notes[peer] = str(reason)
         except Exception as error:
-            row.errors.append(f"{job.dataset} {job.flow} seed {job.seed} {peer}: {type(error).__name__}: {error}")
+            row.errors[peer] = f"{type(error).__name__}: {error}"
     return row
 
 
@@ -409,8 +424,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str]
     half way keeps its rows and a rerun with the same ``out`` skips them."""
     def record(row: Row) -> None:
         print(_row_line([row]), flush=True)
-        for error in row.errors:
-            print(f"    ERROR {error}", flush=True)
+        for name, error in row.errors.items():
+            print(f"    ERROR {name}: {error}", flush=True)
         if out is not None:
             with open(out, "a") as handle:
                 handle.write(json.dumps({"settings": settings, "row": row.to_json()}) + "\n")
@@ -630,6 +645,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "skips the rows already in it (resume an interrupted table, or add seeds)",
     )
     parser.add_argument(
+        "--rerun", action="store_true",
+        help="run the rows asked for even if --out has them; each contestant run replaces its earlier outcome "
+             "(so --rerun --peers, with no peers, re-scores ours after a change and keeps the peers' rows)",
+    )
+    parser.add_argument(
         "--report", action="store_true",
         help="run nothing: print the table of the rows already in --out (say, while another run fills it)",
     )
@@ -638,6 +658,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
+    if args.rerun and args.report:
+        parser.error("--rerun runs rows and --report runs none: give one of them")
     if args.report and not (args.out and os.path.exists(args.out)):
         parser.error("--report prints the rows kept in --out FILE; give an existing FILE")
     if len(set(args.seeds)) != len(args.seeds):
@@ -671,15 +693,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ]
     settings = jobs[0].settings() if jobs else {}
     done: Dict[tuple, Row] = {}
+
+    def add(row: Row) -> None:  # a contestant run twice: its later outcome
+        key = (row.dataset, row.flow, row.seed)
+        done[key] = done[key].updated_by(row) if key in done else row
+
     if args.out and os.path.exists(args.out):
         for row in read_rows(args.out, settings):
-            done[(row.dataset, row.flow, row.seed)] = row  # a row run twice: the later one
+            add(row)
         print(f"  {args.out}: {len(done)} rows already run with these settings are reused\n", file=sys.stderr)
-    todo = [] if args.report else [job for job in jobs if (job.dataset, job.flow, job.seed) not in done]
+    if args.report:
+        todo = []
+    elif args.rerun:
+        todo = jobs
+    else:
+        todo = [job for job in jobs if (job.dataset, job.flow, job.seed) not in done]
     if args.jobs > 1:  # the longest rows first, so that no process is left with one at the end
         todo.sort(key=lambda job: job.dataset != "digits")
     for row in run_jobs(todo, args.jobs, args.threads, args.out, settings):
-        done[(row.dataset, row.flow, row.seed)] = row
+        add(row)
     # A table in the order asked for, whichever process finished first.
     rows = [done[key] for key in ((j.dataset, j.flow, j.seed) for j in jobs) if key in done]
     print()
@@ -695,7 +727,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for row in rows:
         for peer, note in row.notes.items():
             print(f"  {row.dataset} {row.flow} seed {row.seed}: {peer} {DASH} {note}")
-    errors = [error for row in rows for error in row.errors]
+    errors = [f"{row.dataset} {row.flow} seed {row.seed} {name}: {error}" for row in rows for name, error in row.errors.items()]
     print(f"Rows: {passed}/{total} PASS")
     for error in errors:
         print(f"  ERROR {error}")
