@@ -220,7 +220,7 @@ class SplineMap:
     3.551/3.548/3.541 -> 3.548/3.538/3.524, digits 102.99/101.91/102.94 ->
     102.80/101.52/102.89.
     The inverse :math:`r^{-1}` is a closed-form root of a quadratic per
-    point, so either form costs about the same in both directions.
+    point (no iteration), so both forms are exact in both directions.
     """
 
     def __init__(self, count_bins: int = 8, bound: float = 3.0, spline_from: str = "z"):
