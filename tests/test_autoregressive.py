@@ -10,6 +10,7 @@ import torch
 from checks import moved
 
 from pyro_nflows.nn import MADE
+from pyro_nflows.nn import made as made_module
 from pyro_nflows.transforms import (
     conditional_iaf,
     conditional_maf,
@@ -215,3 +216,32 @@ def test_spline_flows_evaluate_the_spline_in_their_trained_direction(direction, 
     assert torch.allclose(evaluated, spline[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="spline_from must be 'z'"):
         SplineMap(4, spline_from="data")
+
+
+def test_the_sequential_path_runs_small_batches_on_one_thread_and_restores_the_count():
+    torch.manual_seed(0)
+    made = MADE(4, [16, 16], 2)
+    seen = []
+
+    def step(w_i, theta_i):
+        seen.append(torch.get_num_threads())
+        return w_i
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            made.invert(torch.randn(8, 4), step)  # small: one thread
+            assert seen == [1] * 4 and torch.get_num_threads() == 2
+            seen.clear()
+            made.invert(torch.randn(made_module.SINGLE_THREAD_MAX_POINTS + 1, 4), step)  # large: left alone
+            assert seen == [2] * 4 and torch.get_num_threads() == 2
+
+            def failing(w_i, theta_i):
+                raise RuntimeError("a step failed")
+
+            with pytest.raises(RuntimeError, match="a step failed"):
+                made.invert(torch.randn(8, 4), failing)
+            assert torch.get_num_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(previous)

@@ -34,7 +34,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +44,33 @@ from torch.nn import functional as F
 from pyro_nflows.validation import check_count, check_event
 
 __all__ = ["MADE"]
+
+# Up to this many points, the in-place sequential path runs on one thread.
+SINGLE_THREAD_MAX_POINTS = 4096
+
+
+@contextlib.contextmanager
+def _one_thread_for_small_batches(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to 1 while the in-place sequential path
+    runs on at most ``SINGLE_THREAD_MAX_POINTS`` points, restored after.
+
+    Each step's matrix products are small (a block of a few hidden units by
+    ``count`` points), so a second thread costs more in hand-over than it
+    saves. Measured, 5 MAF layers sampling 1024 points on a 2-core machine:
+    D=16 hidden (64, 64) 4.02 ms on one thread vs 4.44 on two, D=64 hidden
+    (256, 256) 8.44 vs 8.87; at 16384 points (D=16) two threads are ahead,
+    33.5 vs 32.4 ms. The setting is process-wide, so torch work running
+    meanwhile in another Python thread also gets one thread for that time.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or count > SINGLE_THREAD_MAX_POINTS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _ordering(input_dim: int, ordering) -> torch.Tensor:
@@ -206,7 +234,8 @@ class MADE(nn.Module):
             u = self._invert_tracked(rows, step, context_term, self._plan())
         else:
             columns = flat_w.unbind(-1)  # read in place: no transposed copy
-            u = self._invert_in_place([columns[i] for i in self.order.tolist()], step, context_term, step_into)
+            with _one_thread_for_small_batches(count):
+                u = self._invert_in_place([columns[i] for i in self.order.tolist()], step, context_term, step_into)
         return u.mT.index_select(1, self.inverse_order).reshape(w.shape)
 
     def _plan(self) -> list:
