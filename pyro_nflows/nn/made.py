@@ -58,8 +58,9 @@ def _one_thread_for_small_batches(count: int) -> Iterator[None]:
     ``count`` points), so a second thread costs more in hand-over than it
     saves. Measured, 5 MAF layers sampling 1024 points on a 2-core machine:
     D=16 hidden (64, 64) 4.02 ms on one thread vs 4.44 on two, D=64 hidden
-    (256, 256) 8.44 vs 8.87; at 16384 points (D=16) two threads are ahead,
-    33.5 vs 32.4 ms. The setting is process-wide, so torch work running
+    (256, 256) 8.44 vs 8.87; at 4096 points still 10.0 vs 10.3 (D=16) and
+    104.6 vs 106.2 (D=64); at 16384 points (D=16) two threads are ahead,
+    32.4 vs 33.5 ms. The setting is process-wide, so torch work running
     meanwhile in another Python thread also gets one thread for that time.
     """
     threads = torch.get_num_threads()
