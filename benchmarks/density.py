@@ -413,7 +413,8 @@ def run_row(job: Job) -> Row:
     return row
 
 
-def _init_worker(threads: int) -> None:
+def _configure_process(threads: int) -> None:
+    """What every process running rows sets first: the main one and each worker."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -440,7 +441,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str]
             record(rows[-1])
         return rows
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, context, _configure_process, (threads,)) as pool:
         pending = [pool.submit(run_row, job) for job in jobs]
         try:
             for future in concurrent.futures.as_completed(pending):
@@ -665,8 +666,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    _configure_process(args.threads)
     epochs = args.epochs or (20 if args.quick else 100)
     n = args.n or (5_000 if args.quick else datasets.DEFAULT_N)
     names = args.datasets or (["checkerboard", "two_moons", "digits"] if args.quick else TOYS + ["digits"])
