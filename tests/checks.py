@@ -137,6 +137,8 @@ def check_transform(
     probe = _plain(module, _context((2,), context_dim, torch.float32, generator) if conditional else None)
     assert probe.domain.event_dim == 1 and probe.codomain.event_dim == 1
     assert probe.bijective
+    for shown in (module, probe):  # printing a flow shows what it is, not just its class name
+        assert repr(shown).startswith(type(shown).__name__ + "(") and f"input_dim={input_dim}" in repr(shown)
 
     # 2. One batch through (data-dependent initialisation), then move parameters.
     warm_x = _points((64,), input_dim, torch.float32, generator)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch import nn
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
@@ -182,6 +183,14 @@ class FlowTransform(Transform):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"
+
+    def __repr__(self) -> str:
+        # In a TransformModule's MRO torch's Transform.__repr__ comes before
+        # nn.Module's and prints the class name alone; show the options (and
+        # a module's networks) instead.
+        if isinstance(self, nn.Module):
+            return nn.Module.__repr__(self)
+        return f"{type(self).__name__}({self.extra_repr()})"
 
 
 class ConditionalFlow(ConditionalTransformModule):

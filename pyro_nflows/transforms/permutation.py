@@ -51,7 +51,7 @@ class PermuteModule(FlowTransform, Permute, TransformModule):
         return torch.argsort(self.permutation)
 
     def extra_repr(self) -> str:
-        return f"permutation={self.permutation.tolist()}"
+        return f"input_dim={self.input_dim}, permutation={self.permutation.tolist()}"
 
 
 def random_permutation(input_dim: int, permutation: torch.Tensor | None = None) -> PermuteModule:
