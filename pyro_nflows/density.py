@@ -166,7 +166,10 @@ class DensityModel(nn.Module):
         """The model as a Pyro distribution with ``event_shape == (d,)``."""
         base = dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
         standardisation = AffineTransform(self.loc, self.scale, event_dim=1)
-        return dist.TransformedDistribution(base, [self.layers, standardisation])
+        # The layers one by one, not their ComposeTransformModule: torch
+        # recomputes a composition's domain and codomain (a walk over every
+        # part) at each access, about 10% of a small model's log_prob.
+        return dist.TransformedDistribution(base, [*self.layers, standardisation])
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density of each row of ``x`` (shape ``(..., d)``), in the data's units."""
@@ -488,7 +491,11 @@ def fit(
             f"normalization='batchnorm' needs batches of at least 2 rows{each}: batch_size and the number of "
             f"training rows must be at least {min_rows}; got batch_size {batch_size} and {len(train)} training rows"
         )
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # foreach: one multi-tensor update instead of a Python loop over the parameter tensors (torch's
+    # default only on GPUs). On the CPU it takes 3-5% off a training step of fit's 5-layer models on
+    # 2-D data, batch 256 (same model, the two optimisers interleaved: maf 10.6 -> 10.3 ms, realnvp
+    # 12.6 -> 12.0, nsf 24.5 -> 24.1), with the same updates up to rounding.
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     steps_per_epoch = len(_batches(torch.arange(len(train)), batch_size, min_rows))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     history = FitHistory()

@@ -107,10 +107,19 @@ class FlowTransform(Transform):
         self._handoff = None
 
     def _parameter_versions(self) -> tuple:
-        parameters = getattr(self, "parameters", None)
-        if parameters is None:
+        """The version counters of the parameters of this module and its
+        submodules (none for a plain transform); an in-place update of any
+        parameter changes the tuple. It walks the modules' own dictionaries:
+        ``nn.Module.parameters()`` (name prefixes, a set to drop repeats)
+        cost about five times as much, and this runs at every call."""
+        if not isinstance(self, nn.Module):
             return ()
-        return tuple(p._version for p in parameters())
+        versions, modules = [], [self]
+        while modules:
+            module = modules.pop()
+            versions.extend(p._version for p in module._parameters.values() if p is not None)
+            modules.extend(m for m in module._modules.values() if m is not None)
+        return tuple(versions)
 
     def _check(self, x: torch.Tensor, what: str) -> None:
         check_event(x, self.input_dim, type(self).__name__, what)
@@ -129,11 +138,12 @@ class FlowTransform(Transform):
         else:
             result, log_det = joint(value)
         pair = (value, result) if forward else (result, value)
-        self._handoff = None if log_det is None else (*pair, log_det, versions)
+        # Plain attributes, set through __dict__: a module's __setattr__ (which
+        # looks for parameters and submodules first) is slow at this rate.
+        state = self.__dict__
+        state["_handoff"] = None if log_det is None else (*pair, log_det, versions)
         if self._cache_size:
-            self._cached_x_y = pair
-            self._cached_forward = forward
-            self._cached_versions = versions
+            state.update(_cached_x_y=pair, _cached_forward=forward, _cached_versions=versions)
         return result
 
     def _take_log_det(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
@@ -143,7 +153,7 @@ class FlowTransform(Transform):
             return None
         x_old, y_old, log_det, versions = self._handoff
         if x is x_old and y is y_old and versions == self._parameter_versions():
-            self._handoff = None
+            self.__dict__["_handoff"] = None
             return log_det
         return None
 

@@ -87,6 +87,19 @@ class ActNorm(ElementwiseAffine):
     def __init__(self, input_dim: int, cache_size: int = 1):
         super().__init__(input_dim, cache_size=cache_size)
         self.register_buffer("initialized", torch.tensor(False))
+        # A Python copy of the flag, so that a call does not read the buffer
+        # (on a GPU, reading it would wait for the device at every call).
+        self._known_initialized = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = bool(self.initialized)
+
+    def _ensure_initialized(self, batch: torch.Tensor, direction: str) -> None:
+        if not self._known_initialized:
+            if not self.initialized:
+                self.initialize(batch, direction)
+            self._known_initialized = True
 
     @torch.no_grad()
     def initialize(self, data: torch.Tensor, direction: str = "forward") -> None:
@@ -116,15 +129,14 @@ class ActNorm(ElementwiseAffine):
         else:
             raise ValueError(f"direction must be 'forward' or 'inverse', got {direction!r}")
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
-            self.initialize(x, "forward")
+        self._ensure_initialized(x, "forward")
         return super()._call(x)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
-            self.initialize(y, "inverse")
+        self._ensure_initialized(y, "inverse")
         return super()._inverse(y)
 
     def extra_repr(self) -> str:
