@@ -112,6 +112,12 @@ GUIDES = [
         lambda m, s: AutoFlow(m, "spline_autoregressive:2(direction=iaf, ordering=natural)", init_scale=s),
         True,
     ),
+    Guide("AutoFlow(spline_coupling:4)", lambda m, s: AutoFlow(m, "spline_coupling:4", init_scale=s), True),
+    Guide(
+        "AutoFlow(spline_coupling:4 spline_from=x)",
+        lambda m, s: AutoFlow(m, "spline_coupling:4(spline_from=x)", init_scale=s),
+        True,
+    ),
 ]
 QUICK = ["AutoNormal", "AutoIAFNormal (pyro, 2 x [64, 64])", "AutoIAF"]
 

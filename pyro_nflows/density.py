@@ -54,6 +54,10 @@ PRESETS = {
     "realnvp": "affine_coupling",  # Dinh et al. 2017: affine couplings, alternating halves
 }
 DEFAULT_FLOW = "maf"
+# Options for every layer that takes them, unless the spec sets them: a density model is trained
+# by scoring data, so spline couplings evaluate their spline from the data side (see
+# ConditionedSplineCoupling; the layer's own default, the noise side, is the form guides train).
+DENSITY_DEFAULTS = {"spline_from": "x"}
 NORMALIZATIONS = ("actnorm", "batchnorm", None)
 
 
@@ -98,7 +102,7 @@ def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalizatio
         )
     else:
         spec = flow
-    layers = build_flow(spec, input_dim, repeat=num_layers)
+    layers = build_flow(spec, input_dim, repeat=num_layers, defaults=DENSITY_DEFAULTS)
     per_repeat = len(layers) // num_layers
     stack = []
     for index in range(num_layers):
@@ -115,7 +119,9 @@ class DensityModel(nn.Module):
 
     :param input_dim: the data's dimension :math:`d`.
     :param flow: ``"maf"``, ``"nsf"``, ``"realnvp"`` or the spec of one layer
-        (e.g. ``"lu_linear+elementwise_spline"``).
+        (e.g. ``"lu_linear+elementwise_spline"``). Options in
+        :data:`DENSITY_DEFAULTS` apply where the spec does not set them:
+        spline couplings evaluate their spline from the data side.
     :param num_layers: how many times the layer is stacked.
     :param hidden_dims: hidden widths of the layers' networks (presets only;
         in a spec write them as an option, ``maf(hidden_dims=(64, 64))``).

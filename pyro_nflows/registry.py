@@ -132,7 +132,8 @@ FLOWS: dict[str, FlowEntry] = {
             "spline_coupling",
             coupling.spline_coupling,
             coupling.conditional_spline_coupling,
-            "neural spline coupling: rational-quadratic splines of x_b, knots from x_a; layers alternate reverse",
+            "neural spline coupling: rational-quadratic splines of x_b, knots from x_a; layers alternate "
+            "reverse; spline_from=z (noise side, default) or x (data side, what fit uses)",
             per_layer=coupling.coupling_layer_options,
         ),
         FlowEntry(
@@ -221,14 +222,22 @@ def parse_spec(spec: str) -> list[tuple[FlowEntry, int | None, dict[str, Any]]]:
     return items
 
 
-def build_flow(spec: str, input_dim: int, context_dim: int | None = None, repeat: int = 1) -> list:
+def build_flow(
+    spec: str,
+    input_dim: int,
+    context_dim: int | None = None,
+    repeat: int = 1,
+    defaults: dict[str, Any] | None = None,
+) -> list:
     """Build the transforms a spec names, for events of size ``input_dim``.
 
     With ``context_dim``, families that have a conditional version are built
     conditional on a context of that width. ``repeat`` stacks the whole spec
     that many times; a family's layers are counted across the repeats, so
     per-layer alternations (orderings, coupling halves) carry on from one
-    repeat to the next.
+    repeat to the next. ``defaults`` are options for every family whose
+    helper takes them, where the spec does not set them (``fit`` passes
+    ``{"spline_from": "x"}``: its flows are trained by scoring data).
 
     >>> [type(t).__name__ for t in build_flow("householder:4+lu_linear:2", 5)]
     ['Householder', 'LULinear', 'LULinear']
@@ -241,17 +250,22 @@ def build_flow(spec: str, input_dim: int, context_dim: int | None = None, repeat
     transforms = []
     for round_index in range(repeat):
         for entry, count, options in items:
-            transforms.extend(_build_item(entry, count, dict(options), input_dim, context_dim, round_index))
+            transforms.extend(
+                _build_item(entry, count, dict(options), input_dim, context_dim, round_index, defaults or {})
+            )
     return transforms
 
 
-def _build_item(entry: FlowEntry, count, options: dict, input_dim: int, context_dim, round_index: int) -> list:
+def _build_item(
+    entry: FlowEntry, count, options: dict, input_dim: int, context_dim, round_index: int, defaults: dict
+) -> list:
     """The layers of one spec item, in repeat number ``round_index``."""
     conditional = context_dim is not None and entry.build_conditional is not None
     allowed = entry.options(conditional)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"flow {entry.name!r} takes no option {unknown}; its options are {allowed}")
+    options = {**{key: value for key, value in defaults.items() if key in allowed}, **options}
     layers = 1
     if count is not None:
         if entry.count is None:

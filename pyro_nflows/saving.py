@@ -16,13 +16,15 @@ from torch import nn
 
 __all__ = ["FORMAT_VERSION", "read_model", "write_model"]
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # What changed at each version, so that a refused file says why.
 _CHANGES = {
     2: "the affine layers (MAF, IAF, RealNVP couplings) changed their log-scale bound, "
     "and MAF and RealNVP where their shift is added, so the same weights give another density",
     3: "IAF layers went back to the tanh log-scale bound, so the same IAF weights give another density",
     4: "spline autoregressive layers (NSF) evaluate their spline from the data side, so the same weights "
+    "give another density",
+    5: "spline coupling layers in fit's models evaluate their spline from the data side, so the same weights "
     "give another density",
 }
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["check_count", "check_event", "check_input_dim", "check_positive"]
+__all__ = ["check_count", "check_event", "check_input_dim", "check_positive", "check_spline_from"]
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:
@@ -28,6 +28,17 @@ def check_positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def check_spline_from(value: str) -> str:
+    """Return ``value`` if it names a side a spline flow can evaluate its spline
+    from (``"z"``, the noise side, or ``"x"``, the data side), else raise ``ValueError``."""
+    if value not in ("z", "x"):
+        raise ValueError(
+            "spline_from must be 'z' (the spline maps noise to data: cheap, exact sampling, for "
+            f"guides and posteriors) or 'x' (it maps data to noise: for density estimation), got {value!r}"
+        )
+    return value
 
 
 def check_input_dim(input_dim: int) -> int:

@@ -26,6 +26,7 @@ from pyro_nflows.transforms import (
     conditional_spline_coupling,
     spline_coupling,
 )
+from pyro_nflows.transforms.splines import rational_quadratic_spline
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -379,6 +380,35 @@ def test_spline_coupling_with_constant_parameters_is_the_elementwise_spline(reve
     assert close(y[:, part], spline._call(x[:, part]))
     assert close(coupling.log_abs_det_jacobian(x, y), spline.log_abs_det_jacobian(x[:, part], None))
     assert close(coupling._inverse(y)[:, part], spline._inverse(y[:, part]))
+
+
+@pytest.mark.parametrize("spline_from", ["z", "x"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_spline_coupling_evaluates_the_spline_on_the_side_it_is_told(spline_from, conditional):
+    """``spline_from="z"``: the forward map (noise to data) is the spline;
+    ``"x"``: the inverse (data to noise) is, and the forward solves its quadratic."""
+    torch.manual_seed(0)
+    if conditional:
+        module = conditional_spline_coupling(5, CONTEXT_DIM, count_bins=4, spline_from=spline_from)
+    else:
+        module = spline_coupling(5, count_bins=4, spline_from=spline_from)
+    move_parameters(module, 1.0, torch.Generator().manual_seed(2))  # away from the identity start
+    module.double()
+    coupling = module.condition(torch.randn(CONTEXT_DIM, dtype=torch.float64)) if conditional else module
+    value = 2 * torch.randn(7, 5, dtype=torch.float64)
+    kept, transformed = coupling.split(value)
+    widths, heights, derivatives = (coupling.output_scale * p for p in coupling.params(kept))
+    spline, spline_log_det = rational_quadratic_spline(transformed, widths, heights, derivatives, bound=3.0)
+    if spline_from == "z":
+        evaluated, log_det = coupling._call_and_log_det(value)  # log|det| of the forward, at value
+        assert torch.allclose(log_det, spline_log_det.sum(-1), rtol=0, atol=1e-12)
+    else:
+        evaluated, log_det = coupling._inverse_and_log_det(value)  # log|det| of the forward, at evaluated
+        assert torch.allclose(log_det, -spline_log_det.sum(-1), rtol=0, atol=1e-12)
+    assert torch.equal(coupling.split(evaluated)[0], kept)
+    assert torch.allclose(coupling.split(evaluated)[1], spline, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="spline_from must be 'z'"):
+        spline_coupling(5, spline_from="data")
 
 
 # ---------------------------------------------------------------------------

@@ -65,10 +65,10 @@ def test_load_refuses_other_files(tmp_path):
     DensityModel(2, num_layers=1).save(path)
     payload = torch.load(path, weights_only=True)
     torch.save({**payload, "format": 1}, path)
-    with pytest.raises(ValueError, match="has format 1; this version reads 4 .*shift is added.*IAF layers went back"):
+    with pytest.raises(ValueError, match="has format 1; this version reads 5 .*shift is added.*IAF layers went back.*spline coupling"):
         load(path)
     torch.save({**payload, "format": 3}, path)
-    with pytest.raises(ValueError, match="has format 3; this version reads 4 .*NSF.*fit or train the model again"):
+    with pytest.raises(ValueError, match="has format 3; this version reads 5 .*NSF.*spline coupling.*fit or train the model again"):
         load(path)
 
 
@@ -144,6 +144,14 @@ def test_presets_normalization_and_hidden_dims():
         DensityModel(3, "lu_linear", hidden_dims=[8])
     with pytest.raises(ValueError, match="normalization"):
         DensityModel(3, normalization="layernorm")
+
+
+def test_spline_couplings_score_data_with_the_spline_unless_the_spec_says_otherwise():
+    """A density model is trained by scoring data: its spline couplings evaluate
+    the spline from the data side (the layer's own default is the noise side)."""
+    assert {t.spline_from for t in DensityModel(4, "spline_coupling", num_layers=2).layers[::2]} == {"x"}
+    chosen = DensityModel(4, "spline_coupling(spline_from=z)", num_layers=2)
+    assert {t.spline_from for t in chosen.layers[::2]} == {"z"}
 
 
 def test_an_interrupted_fit_resumes_from_its_checkpoint(tmp_path, monkeypatch):

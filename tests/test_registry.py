@@ -29,6 +29,15 @@ def test_context_builds_conditional_versions_where_they_exist():
     assert transform(torch.randn(4)).shape == (4,)
 
 
+def test_defaults_reach_the_families_that_take_them_unless_the_spec_sets_them():
+    defaults = {"spline_from": "x"}
+    layers = build_flow("spline_coupling:2+householder+spline_coupling(spline_from=z)", 4, defaults=defaults)
+    assert [getattr(t, "spline_from", None) for t in layers] == ["x", "x", None, "z"]
+    (conditional,) = build_flow("spline_coupling", 4, context_dim=3, defaults=defaults)
+    assert conditional.condition(torch.randn(3)).spline_from == "x"
+    assert build_flow("spline_coupling", 4)[0].spline_from == "z"  # the layer's own default
+
+
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown flow 'housholder'.*householder.*lu_linear"):
         build_flow("housholder:2", 3)

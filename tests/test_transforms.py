@@ -28,7 +28,11 @@ EXTRA_OPTIONS = {
     ],
     "affine_coupling": [{"split_dim": 1}, {"split_dim": 4, "reverse": True}, {"log_scale_bound": 1.0}],
     "additive_coupling": [{"split_dim": 4}, {"reverse": True}],
-    "spline_coupling": [{"count_bins": 4, "bound": 1.0}, {"split_dim": 1, "reverse": True}],
+    "spline_coupling": [
+        {"count_bins": 4, "bound": 1.0},
+        {"split_dim": 1, "reverse": True},
+        {"spline_from": "x", "reverse": True},
+    ],
 }
 # Flows with nothing to learn (the shared check asserts they indeed have no parameters).
 PARAMETER_FREE = {"permute"}

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from pyro_nflows.nn.made import MADE
 from pyro_nflows.transforms.base import SOFT_CLAMPS, ConditionalFlow, FlowTransform, soft_clamp
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_input_dim, check_positive
+from pyro_nflows.validation import check_count, check_input_dim, check_positive, check_spline_from
 
 __all__ = [
     "AffineMap",
@@ -226,9 +226,7 @@ class SplineMap:
     def __init__(self, count_bins: int = 8, bound: float = 3.0, spline_from: str = "z"):
         self.count_bins = check_count("count_bins", count_bins, minimum=2)
         self.bound = check_positive("bound", bound)
-        if spline_from not in ("z", "x"):
-            raise ValueError(f"spline_from must be 'z' (IAF's form) or 'x' (MAF's form), got {spline_from!r}")
-        self.spline_from = spline_from
+        self.spline_from = check_spline_from(spline_from)
         self.param_dim = 3 * count_bins - 1
 
     def _spline(self, value: torch.Tensor, theta: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
