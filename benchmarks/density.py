@@ -94,7 +94,9 @@ import math
 import multiprocessing
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -419,6 +421,31 @@ def _configure_process(threads: int) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def _configure_worker(threads: int) -> None:
+    """A worker also ends when the main process does, however that ended: a
+    main process killed outright (``kill``, SIGKILL) leaves its pool's workers
+    running their rows, and those already queued, for nobody."""
+    _configure_process(threads)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _interrupt_on_sigterm() -> None:
+    """``kill`` (SIGTERM) stops the main process the way Ctrl-C does: the
+    finished rows are kept and the pool is shut down."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str], settings: dict) -> List[Row]:
     """Every job, ``workers`` processes at a time, each row printed and (with
     ``out``) appended to a JSON-lines file as it finishes, so that a run killed
@@ -441,7 +468,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str]
             record(rows[-1])
         return rows
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(workers, context, _configure_process, (threads,)) as pool:
+    _interrupt_on_sigterm()
+    with concurrent.futures.ProcessPoolExecutor(workers, context, _configure_worker, (threads,)) as pool:
         pending = [pool.submit(run_row, job) for job in jobs]
         try:
             for future in concurrent.futures.as_completed(pending):
@@ -451,6 +479,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, out: Optional[str]
             print(f"\ninterrupted: {len(rows)} of {len(jobs)} rows finished"
                   + (f" and kept in {out}" if out else ""), file=sys.stderr, flush=True)
             pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():  # their rows are lost anyway: do not wait
+                worker.terminate()
             raise
     return rows
 
