@@ -254,7 +254,6 @@ def lu_linear_setup(dim: int, batch: int, inverse: bool = False) -> Callable[[],
         ours = LULinear(dim)
         randomize_(ours, scale=0.1)
         lower, upper = (m.detach() for m in ours._factors())
-        reference = ours._inverse(x) if inverse else ours._call(x)
         # Ours is y = P L U x + b; the peers have no permutation, so they are
         # checked against the same map without P (P costs one row gather of a
         # D x D matrix, nothing next to the B x D x D product).
