@@ -17,7 +17,9 @@ def test_there_are_tutorials():
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path):
-    environment = {**os.environ, "CI": "1", "MPLBACKEND": "Agg"}
+    # One thread, as conftest.py sets for the tests in this process (a subprocess does not inherit
+    # torch.set_num_threads): with the other core busy, two threads made these runs 6-10 times slower.
+    environment = {**os.environ, "CI": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(path)], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600
     )
