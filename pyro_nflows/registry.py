@@ -160,7 +160,7 @@ FLOWS: dict[str, FlowEntry] = {
     ]
 }
 
-ALIASES = {"convex_triangular": "convex_triangular_linear", "cclinif": "convex_triangular_linear"}
+ALIASES = {"convex_triangular": "convex_triangular_linear", "ccliniaf": "convex_triangular_linear"}
 
 _ITEM = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*(?P<count>[^(\s]+))?\s*(?:\((?P<options>.*)\))?\s*$")
 

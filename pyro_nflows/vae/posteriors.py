@@ -111,7 +111,7 @@ POSTERIORS: dict[str, PosteriorFamily] = {
     ]
 }
 
-ALIASES = {"convex_triangular_linear": "convex_triangular", "cclinif": "convex_triangular"}
+ALIASES = {"convex_triangular_linear": "convex_triangular", "ccliniaf": "convex_triangular"}
 
 _NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)")
 
