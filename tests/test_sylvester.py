@@ -386,3 +386,25 @@ def test_docstring_examples_run():
         for test in finder.find(cls, globs={"torch": torch, cls.__name__: cls}):
             runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
+
+
+def test_a_sample_and_its_log_q_take_one_orthogonalisation(monkeypatch):
+    """Sampling then scoring the sample (a guide's or a VAE posterior's step)
+    forms Q once: the log-determinant comes from the forward pass."""
+    import pyro.distributions as dist
+
+    sylvester_module = sys.modules["pyro_nflows.transforms.sylvester"]  # the package exports a function of that name
+    calls = []
+
+    def counting(matrix, *args, **kwargs):
+        calls.append(matrix.shape)
+        return orthogonalise(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(sylvester_module, "orthogonalise", counting)
+    flow = moved(sylvester(4))
+    base = dist.Normal(torch.zeros(4), torch.ones(4)).to_event(1)
+    posterior = dist.TransformedDistribution(base, [flow])
+    x = posterior.rsample((6,))
+    log_q = posterior.log_prob(x)
+    assert len(calls) == 1
+    assert torch.allclose(log_q, base.log_prob(flow.inv(x)) - flow.log_abs_det_jacobian(flow.inv(x), x))
