@@ -85,9 +85,12 @@ class FlowTransform(Transform):
     ``_inverse_and_log_det(y) -> (x, log_det)``, ``log_det`` being
     :math:`\log|\det \partial y / \partial x|`. The public calls then use
     it and hand the log-determinant over, once, to the next
-    ``log_abs_det_jacobian(x, y)`` for exactly that pair (the subclass asks
-    :meth:`_take_log_det` first), so that ``TransformedDistribution.log_prob``
-    runs the network once instead of twice. The hand-over is keyed like the
+    ``log_abs_det_jacobian(x, y)`` for exactly that pair, so that
+    ``TransformedDistribution.log_prob`` runs the network once instead of
+    twice. Such a transform need not write ``_call`` / ``_inverse`` /
+    ``log_abs_det_jacobian``: this class derives them from the joint methods
+    (a subclass that overrides ``log_abs_det_jacobian`` asks
+    :meth:`_take_log_det` first). The hand-over is keyed like the
     cache (tensor identity and parameter versions) and used at most once, so
     it never returns a stale value, nor one whose graph a ``backward`` freed.
     """
@@ -156,6 +159,31 @@ class FlowTransform(Transform):
             self.__dict__["_handoff"] = None
             return log_det
         return None
+
+    # A transform that defines _call_and_log_det (or _inverse_and_log_det)
+    # gets the plain direction and log_abs_det_jacobian from it; others
+    # (or those that override these) are untouched: the calls go on along
+    # the MRO, e.g. to Pyro's Permute.
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        if self._call_and_log_det is None:
+            return super()._call(x)
+        return self._call_and_log_det(x)[0]
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        if self._inverse_and_log_det is None:
+            return super()._inverse(y)
+        return self._inverse_and_log_det(y)[0]
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The log-determinant the call that made ``(x, y)`` handed over, else
+        one forward pass of ``_call_and_log_det``."""
+        log_det = self._take_log_det(x, y)
+        if log_det is not None:
+            return log_det
+        if self._call_and_log_det is None:
+            return super().log_abs_det_jacobian(x, y)
+        return self._call_and_log_det(x)[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x, "input")

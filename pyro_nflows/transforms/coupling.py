@@ -270,20 +270,6 @@ class ConditionedCoupling(FlowTransform):
         x_b, inverse_log_det = self.elementwise(y_b, self.params(kept), inverse=True)
         return self.join(kept, x_b), -inverse_log_det.sum(-1)
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self._call_and_log_det(x)[0]
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self._inverse_and_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        log_det = self._take_log_det(x, y)  # handed over by the call that made (x, y)
-        if log_det is not None:
-            return log_det
-        kept, x_b = self.split(x)
-        _, log_det = self.elementwise(x_b, self.params(kept), inverse=False)
-        return log_det.sum(-1)
-
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, split_dim={self.split_dim}, reverse={self.reverse}"
 

@@ -334,7 +334,8 @@ class ConditionedSylvester(FlowTransform):
         # One pass for both: Q (an orthogonalisation, for kind="orthogonal")
         # and the pre-activation are shared, and a sampled point's log q then
         # costs nothing more (the log-determinant is handed to the next
-        # log_abs_det_jacobian, see FlowTransform).
+        # log_abs_det_jacobian; FlowTransform derives _call and
+        # log_abs_det_jacobian from this method).
         project, lift = self._q_maps()
         r, r_tilde = self.upper_factors()
         pre = _matvec(r_tilde, project(x)) + resolve(self.bias)
@@ -342,15 +343,6 @@ class ConditionedSylvester(FlowTransform):
         diagonal = torch.tanh(resolve(self.r_diagonal)) * torch.tanh(resolve(self.r_tilde_diagonal))
         # Each factor is 1 + (something in (-1, 1)) * (something in (0, 1]) > 0.
         return y, torch.log1p(diagonal * _tanh_derivative(pre)).sum(-1)
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self._call_and_log_det(x)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        log_det = self._take_log_det(x, y)  # handed over by the call that made (x, y)
-        if log_det is not None:
-            return log_det
-        return self._call_and_log_det(x)[1]
 
     # -- inverse ----------------------------------------------------------------
 
