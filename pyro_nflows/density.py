@@ -56,8 +56,11 @@ PRESETS = {
 DEFAULT_FLOW = "maf"
 # Options for every layer that takes them, unless the spec sets them: a density model is trained
 # by scoring data, so spline couplings evaluate their spline from the data side (see
-# ConditionedSplineCoupling; the layer's own default, the noise side, is the form guides train).
-DENSITY_DEFAULTS = {"spline_from": "x"}
+# ConditionedSplineCoupling; the layer's own default, the noise side, is the form guides train),
+# and affine and additive couplings start from torch's initialisation of their network's last layer
+# rather than at the identity, which a guide needs and a density model does not (RealNVP trains
+# better from there: the measurements are in pyro_nflows.transforms.coupling's docstring).
+DENSITY_DEFAULTS = {"spline_from": "x", "identity_init": False}
 NORMALIZATIONS = ("actnorm", "batchnorm", None)
 
 
@@ -121,7 +124,9 @@ class DensityModel(nn.Module):
     :param flow: ``"maf"``, ``"nsf"``, ``"realnvp"`` or the spec of one layer
         (e.g. ``"lu_linear+elementwise_spline"``). Options in
         :data:`DENSITY_DEFAULTS` apply where the spec does not set them:
-        spline couplings evaluate their spline from the data side.
+        spline couplings evaluate their spline from the data side, and
+        affine and additive couplings do not start at the identity
+        (``identity_init=False``).
     :param num_layers: how many times the layer is stacked.
     :param hidden_dims: hidden widths of the layers' networks (presets only;
         in a spec write them as an option, ``maf(hidden_dims=(64, 64))``).

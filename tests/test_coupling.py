@@ -158,6 +158,32 @@ def test_starts_at_the_identity(kind, conditional):
         assert torch.equal(log_det, torch.zeros(7))
 
 
+@pytest.mark.parametrize("kind", ["affine", "additive"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+def test_identity_init_false_keeps_the_default_initialisation(kind, conditional):
+    """``identity_init=False`` leaves the last layer at torch's initialisation:
+    not the identity from the start, and every output unit already differs.
+    (Spline couplings have no such option: they always start at the identity.)"""
+    plain, conditional_helper = KINDS[kind]
+    torch.manual_seed(0)
+    options = dict(hidden_dims=(16, 16), identity_init=False)
+    module = (conditional_helper(5, CONTEXT_DIM, **options) if conditional else plain(5, **options)).double()
+    last = module.net.net.layers[-1]
+    assert (last.weight != 0).all() and (last.bias != 0).all()
+    transform = _transform(module, torch.randn(7, CONTEXT_DIM) if conditional else None)
+    x = _inside(7, 5)
+    y = transform._call(x)
+    kept, transformed = _kept_and_transformed(5, 2, False)
+    assert torch.equal(y[:, kept], x[:, kept])
+    assert (y[:, transformed] != x[:, transformed]).all()
+    if kind == "affine":
+        assert (transform.log_abs_det_jacobian(x, y) != 0).all()
+    with pytest.raises(ValueError, match="identity_init must be True or False"):
+        plain(5, identity_init="no")
+    with pytest.raises(ValueError, match="identity_init must be True or False"):
+        conditional_helper(5, CONTEXT_DIM, identity_init=0)
+
+
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 def test_additive_coupling_is_volume_preserving(conditional):
     module = _build("additive", 6, conditional)

@@ -3,6 +3,7 @@ import torch
 
 from pyro_nflows import datasets
 from pyro_nflows.density import DensityModel, check_data, fit, load
+from pyro_nflows.registry import build_flow
 
 
 # The Gaussian the fit tests draw from: x = MEAN + MIXING @ noise.
@@ -152,6 +153,32 @@ def test_spline_couplings_score_data_with_the_spline_unless_the_spec_says_otherw
     assert {t.spline_from for t in DensityModel(4, "spline_coupling", num_layers=2).layers[::2]} == {"x"}
     chosen = DensityModel(4, "spline_coupling(spline_from=z)", num_layers=2)
     assert {t.spline_from for t in chosen.layers[::2]} == {"z"}
+
+
+def _starts_at_identity(coupling) -> bool:
+    last = coupling.net.net.layers[-1]
+    return bool((last.weight == 0).all() and (last.bias == 0).all())
+
+
+@pytest.mark.parametrize("flow", ["realnvp", "additive_coupling"])
+def test_density_couplings_do_not_start_at_the_identity_unless_the_spec_says_so(flow):
+    """fit's affine and additive couplings keep torch's initialisation of their
+    last layer (they train better from there); the layer's own default, and a
+    spec that asks for it, start at the identity."""
+    couplings = DensityModel(4, flow, num_layers=2).layers[::2]
+    assert len(couplings) == 2 and not any(_starts_at_identity(t) for t in couplings)
+    name = "affine_coupling" if flow == "realnvp" else flow
+    chosen = DensityModel(4, f"{name}(identity_init=True)", num_layers=2).layers[::2]
+    assert all(_starts_at_identity(t) for t in chosen)
+    assert _starts_at_identity(build_flow(name, 4)[0])
+
+
+def test_density_spline_couplings_start_at_the_identity():
+    """From a random start they trained worse (rings); they take no identity_init."""
+    couplings = DensityModel(4, "spline_coupling", num_layers=2).layers[::2]
+    assert len(couplings) == 2 and all(_starts_at_identity(t) for t in couplings)
+    with pytest.raises(ValueError, match=r"takes no option \['identity_init'\]"):
+        DensityModel(4, "spline_coupling(identity_init=False)", num_layers=2)
 
 
 def test_an_interrupted_fit_resumes_from_its_checkpoint(tmp_path, monkeypatch):

@@ -26,8 +26,13 @@ EXTRA_OPTIONS = {
         {"kind": "triangular"},
         {"kind": "triangular", "reverse": True},
     ],
-    "affine_coupling": [{"split_dim": 1}, {"split_dim": 4, "reverse": True}, {"log_scale_bound": 1.0}],
-    "additive_coupling": [{"split_dim": 4}, {"reverse": True}],
+    "affine_coupling": [
+        {"split_dim": 1},
+        {"split_dim": 4, "reverse": True},
+        {"log_scale_bound": 1.0},
+        {"identity_init": False},
+    ],
+    "additive_coupling": [{"split_dim": 4}, {"reverse": True}, {"identity_init": False}],
     "spline_coupling": [
         {"count_bins": 4, "bound": 1.0},
         {"split_dim": 1, "reverse": True},
