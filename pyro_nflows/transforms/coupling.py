@@ -70,9 +70,9 @@ two_moons -0.011 ± 0.025 and two_spirals -0.006 ± 0.018 are level (medians
 do not: level on checkerboard, eight_gaussians and two_moons (within ±0.003,
 seeds 0-4), but 0.056 ± 0.015 nats *worse* on rings (8 of 8 seeds, by
 0.010-0.115), so they always start at the identity and take no such option.
-Neither zuko's log-scale bound (6.9 instead of 3) nor dropping
-actnorm helps the identity start the way this does (seeds 0-4, change in test
-NLL, positive is worse: checkerboard +0.003 ± 0.004 and -0.016 ± 0.015 bits,
+Neither zuko's log-scale bound (6.9 instead of 3) nor dropping actnorm helps
+the identity start the way this does (seeds 0-4, change in test NLL,
+positive is worse: checkerboard +0.003 ± 0.004 and -0.016 ± 0.015 bits,
 eight_gaussians +0.003 ± 0.014 and +0.029 ± 0.007 nats).
 
 **Stacking.** One coupling leaves :math:`x_a` alone, so a stack must change
