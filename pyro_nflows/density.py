@@ -57,9 +57,9 @@ DEFAULT_FLOW = "maf"
 # Options for every layer that takes them, unless the spec sets them: a density model is trained
 # by scoring data, so spline couplings evaluate their spline from the data side (see
 # ConditionedSplineCoupling; the layer's own default, the noise side, is the form guides train),
-# and affine and additive couplings start from torch's initialisation of their network's last layer
-# rather than at the identity, which a guide needs and a density model does not (RealNVP trains
-# better from there: the measurements are in pyro_nflows.transforms.coupling's docstring).
+# and affine and additive couplings start as a mild random map rather than at the identity, which a
+# guide needs and a density model does not (RealNVP trains better from there: the measurements are
+# in pyro_nflows.transforms.coupling's docstring).
 DENSITY_DEFAULTS = {"spline_from": "x", "identity_init": False}
 NORMALIZATIONS = ("actnorm", "batchnorm", None)
 

@@ -13,6 +13,7 @@ import torch
 from checks import move_parameters, moved
 from pyro.distributions.transforms import AffineCoupling as PyroAffineCoupling
 
+from pyro_nflows.nn.dense import ContextNet
 from pyro_nflows.registry import build_flow
 from pyro_nflows.transforms import (
     ConditionedAdditiveCoupling,
@@ -161,14 +162,20 @@ def test_starts_at_the_identity(kind, conditional):
 @pytest.mark.parametrize("kind", ["affine", "additive"])
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 def test_identity_init_false_keeps_the_default_initialisation(kind, conditional):
-    """``identity_init=False`` leaves the last layer at torch's initialisation:
-    not the identity from the start, and every output unit already differs.
-    (Spline couplings have no such option: they always start at the identity.)"""
+    """``identity_init=False`` starts the last layer at torch's initialisation
+    divided by sqrt(t), t = 3 transformed coordinates: not the identity from
+    the start, and every output unit already differs. (Spline couplings have
+    no such option: they always start at the identity.)"""
     plain, conditional_helper = KINDS[kind]
-    torch.manual_seed(0)
     options = dict(hidden_dims=(16, 16), identity_init=False)
+    torch.manual_seed(0)
     module = (conditional_helper(5, CONTEXT_DIM, **options) if conditional else plain(5, **options)).double()
+    torch.manual_seed(0)
+    param_shapes = [(3,)] * (2 if kind == "affine" else 1)
+    torch_init = ContextNet(2 + (CONTEXT_DIM if conditional else 0), (16, 16), param_shapes).net.layers[-1]
     last = module.net.net.layers[-1]
+    assert torch.equal(last.weight, (torch_init.weight * 3**-0.5).double())
+    assert torch.equal(last.bias, (torch_init.bias * 3**-0.5).double())
     assert (last.weight != 0).all() and (last.bias != 0).all()
     transform = _transform(module, torch.randn(7, CONTEXT_DIM) if conditional else None)
     x = _inside(7, 5)

@@ -162,9 +162,9 @@ def _starts_at_identity(coupling) -> bool:
 
 @pytest.mark.parametrize("flow", ["realnvp", "additive_coupling"])
 def test_density_couplings_do_not_start_at_the_identity_unless_the_spec_says_so(flow):
-    """fit's affine and additive couplings keep torch's initialisation of their
-    last layer (they train better from there); the layer's own default, and a
-    spec that asks for it, start at the identity."""
+    """fit's affine and additive couplings start as a mild random map (they
+    train better from there); the layer's own default, and a spec that asks
+    for it, start at the identity."""
     couplings = DensityModel(4, flow, num_layers=2).layers[::2]
     assert len(couplings) == 2 and not any(_starts_at_identity(t) for t in couplings)
     name = "affine_coupling" if flow == "realnvp" else flow
