@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_nflows.validation import check_count
+from pyro_nflows.validation import check_bool, check_count
 
 __all__ = [
     "CHECKERBOARD_ENTROPY_BITS",
@@ -338,8 +338,7 @@ def binarized_digits(
     (seeded by ``seed``) instead of all 1797 in their original order.
     """
     dtype = _check_dtype(dtype)
-    if not isinstance(stochastic, bool):
-        raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+    check_bool("stochastic", stochastic)
     if n is not None:
         check_count("n", n)
         if n > _DIGITS_ROWS:

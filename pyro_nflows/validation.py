@@ -11,7 +11,14 @@ import math
 
 import torch
 
-__all__ = ["check_count", "check_event", "check_input_dim", "check_positive", "check_spline_from"]
+__all__ = ["check_bool", "check_count", "check_event", "check_input_dim", "check_positive", "check_spline_from"]
+
+
+def check_bool(name: str, value: bool) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``, else raise ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:

@@ -128,7 +128,7 @@ from pyro_nflows.nn.dense import ContextNet
 from pyro_nflows.transforms.autoregressive import data_affine_map
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_input_dim, check_positive, check_spline_from
+from pyro_nflows.validation import check_bool, check_count, check_input_dim, check_positive, check_spline_from
 
 __all__ = [
     "AdditiveCoupling",
@@ -180,12 +180,6 @@ def _check_split(input_dim: int, split_dim: int | None) -> int:
     return split_dim
 
 
-def _check_bool(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def _default_hidden_dims(input_dim: int, context_dim: int = 0) -> tuple[int, int]:
     """Two hidden layers of ``min(512, max(64, 10 * max(input_dim, context_dim)))`` units."""
     width = min(512, max(64, 10 * max(input_dim, context_dim)))
@@ -211,7 +205,7 @@ def _coupling_net(
     net = ContextNet(in_dim, hidden_dims, param_shapes)
     last = net.net.layers[-1]
     with torch.no_grad():
-        if _check_bool("identity_init", identity_init):
+        if check_bool("identity_init", identity_init):
             last.weight.zero_()
             last.bias.zero_()
         else:
@@ -258,7 +252,7 @@ class ConditionedCoupling(FlowTransform):
         super().__init__(cache_size=cache_size)
         self.split_dim = _check_split(input_dim, split_dim)
         self.input_dim = input_dim
-        self.reverse = _check_bool("reverse", reverse)
+        self.reverse = check_bool("reverse", reverse)
         # kept_dim: coordinates passed through (the network's input);
         # transformed_dim: coordinates the element-wise map acts on.
         second_dim = input_dim - self.split_dim

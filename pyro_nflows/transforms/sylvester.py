@@ -109,7 +109,7 @@ from torch import nn
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
 from pyro_nflows.transforms.linear import _count_off_diagonal, _fill_triangle, _matvec, reflect
 from pyro_nflows.transforms.roots import monotone_root
-from pyro_nflows.validation import check_count, check_input_dim
+from pyro_nflows.validation import check_bool, check_count, check_input_dim
 
 __all__ = [
     "KINDS",
@@ -202,8 +202,7 @@ def _check_options(
     input_dim = check_input_dim(input_dim)
     if kind not in KINDS:
         raise ValueError(f"unknown Sylvester kind {kind!r}; known kinds: {', '.join(map(repr, KINDS))}")
-    if not isinstance(reverse, bool):
-        raise ValueError(f"reverse must be True or False, got {reverse!r}")
+    check_bool("reverse", reverse)
     if reverse and kind != "triangular":
         raise ValueError(
             f"reverse=True applies only to kind='triangular' (Q the reversal permutation), not kind={kind!r}"
