@@ -57,9 +57,9 @@ DEFAULT_FLOW = "maf"
 # Options for every layer that takes them, unless the spec sets them: a density model is trained
 # by scoring data, so spline couplings evaluate their spline from the data side (see
 # ConditionedSplineCoupling; the layer's own default, the noise side, is the form guides train),
-# and affine and additive couplings start as a mild random map rather than at the identity, which a
-# guide needs and a density model does not (RealNVP trains better from there: the measurements are
-# in pyro_nflows.transforms.coupling's docstring).
+# and MAF, affine and additive couplings start as a mild random map rather than at the identity,
+# which a guide needs and a density model does not (they train better from there: the measurements
+# are in the docstrings of pyro_nflows.transforms.coupling and pyro_nflows.transforms.autoregressive.maf).
 DENSITY_DEFAULTS = {"spline_from": "x", "identity_init": False}
 NORMALIZATIONS = ("actnorm", "batchnorm", None)
 
@@ -125,7 +125,7 @@ class DensityModel(nn.Module):
         (e.g. ``"lu_linear+elementwise_spline"``). Options in
         :data:`DENSITY_DEFAULTS` apply where the spec does not set them:
         spline couplings evaluate their spline from the data side, and
-        affine and additive couplings do not start at the identity
+        MAF, affine and additive couplings do not start at the identity
         (``identity_init=False``).
     :param num_layers: how many times the layer is stacked.
     :param hidden_dims: hidden widths of the layers' networks (presets only;

@@ -143,6 +143,30 @@ def test_stable_iaf_starts_with_open_gates():
     assert torch.allclose(gates, torch.full((5,), torch.sigmoid(torch.tensor(1.5)).item()), atol=1e-3)
 
 
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+def test_maf_identity_init_sets_the_output_layers_start(conditional):
+    """MADE's output layer starts at torch's initialisation times
+    output_init_scale (biases zero); MAF's identity_init picks 1e-2 (near the
+    identity, the default) or 1/sqrt(D) (a mild random start)."""
+
+    def built(make):
+        torch.manual_seed(0)
+        return make()
+
+    context = dict(context_dim=2) if conditional else {}
+    reference = built(lambda: MADE(4, [16, 16], 2, output_init_scale=1.0, **context))
+    for identity_init, scale in [(True, 1e-2), (False, 0.5)]:
+        if conditional:
+            flow = built(lambda: conditional_maf(4, 2, hidden_dims=[16, 16], identity_init=identity_init))
+        else:
+            flow = built(lambda: maf(4, hidden_dims=[16, 16], identity_init=identity_init))
+        assert torch.equal(flow.made.weights[-1], reference.weights[-1] * scale)
+        assert torch.equal(flow.made.biases[-1], torch.zeros(8))
+        for weight, expected in zip(flow.made.weights[:-1], reference.weights[:-1]):
+            assert torch.equal(weight, expected)
+    assert torch.equal(built(lambda: maf(4, hidden_dims=[16, 16])).made.weights[-1], reference.weights[-1] * 1e-2)
+
+
 def test_conditional_flows_use_the_context_in_every_direction():
     for make in (conditional_maf, conditional_iaf):
         flow = moved(make(3, 2), 0.3)
@@ -163,6 +187,9 @@ def test_conditional_flows_use_the_context_in_every_direction():
         (lambda: spline_autoregressive(3, count_bins=1), "count_bins"),
         (lambda: spline_autoregressive(3, direction="up"), "direction"),
         (lambda: conditional_iaf(3, 0), "context_dim"),
+        (lambda: maf(3, identity_init="no"), "identity_init must be True or False"),
+        (lambda: conditional_maf(3, 2, identity_init=1), "identity_init must be True or False"),
+        (lambda: MADE(3, [8], 2, output_init_scale=0.0), "output_init_scale must be a positive"),
     ],
 )
 def test_bad_hyper_parameters_raise(make, message):

@@ -173,6 +173,17 @@ def test_density_couplings_do_not_start_at_the_identity_unless_the_spec_says_so(
     assert _starts_at_identity(build_flow(name, 4)[0])
 
 
+def test_density_mafs_do_not_start_near_the_identity_unless_the_spec_says_so():
+    """fit's MAF layers start as a mild random map: output weights of torch's
+    initialisation over sqrt(D) (up to 1/sqrt(64) / 2 here), not times 1e-2."""
+    def largest_output_weight(flow):
+        return max(t.made.weights[-1].abs().max().item() for t in DensityModel(4, flow, num_layers=2).layers[::2])
+
+    assert largest_output_weight("maf") > 1e-2
+    assert largest_output_weight("maf(identity_init=True)") <= 1e-2 / 8
+    assert largest_output_weight("nsf") <= 1e-2 / 8  # the spline flows keep their start
+
+
 def test_density_spline_couplings_start_at_the_identity():
     """From a random start they trained worse (rings); they take no identity_init."""
     couplings = DensityModel(4, "spline_coupling", num_layers=2).layers[::2]

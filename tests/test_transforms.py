@@ -26,6 +26,7 @@ EXTRA_OPTIONS = {
         {"kind": "triangular"},
         {"kind": "triangular", "reverse": True},
     ],
+    "maf": [{"identity_init": False}],
     "affine_coupling": [
         {"split_dim": 1},
         {"split_dim": 4, "reverse": True},

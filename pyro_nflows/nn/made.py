@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_nflows.validation import check_count, check_event
+from pyro_nflows.validation import check_count, check_event, check_positive
 
 __all__ = ["MADE"]
 
@@ -106,6 +106,9 @@ class MADE(nn.Module):
         the first layer.
     :param ordering: ``"natural"``, ``"reversed"`` or a permutation of
         ``0 .. D-1`` (the order in which coordinates are generated).
+    :param output_init_scale: the output layer starts at torch's default
+        initialisation times this factor, with zero biases. The default,
+        1e-2, makes a flow built on the MADE start near the identity.
 
     ``forward(x, context=None)`` returns shape ``x.shape[:-1] + (D, P)``,
     coordinates in their original order.
@@ -119,6 +122,7 @@ class MADE(nn.Module):
         context_dim: int | None = None,
         ordering="natural",
         nonlinearity: Callable[[torch.Tensor], torch.Tensor] = F.relu,
+        output_init_scale: float = 1e-2,
     ):
         super().__init__()
         self.input_dim = check_count("input_dim", input_dim)
@@ -127,6 +131,7 @@ class MADE(nn.Module):
         hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
         if not hidden_dims:
             raise ValueError("MADE needs at least one hidden layer")
+        output_init_scale = check_positive("output_init_scale", output_init_scale)
         self.nonlinearity = nonlinearity
         order = _ordering(input_dim, ordering)
         self.register_buffer("order", order)
@@ -147,7 +152,7 @@ class MADE(nn.Module):
         for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layer = nn.Linear(fan_in, fan_out)
             if index == len(hidden_dims):  # the output layer starts small: flows start near the identity
-                layer.weight.data.mul_(1e-2)
+                layer.weight.data.mul_(output_init_scale)
                 layer.bias.data.zero_()
             self.weights.append(layer.weight)
             self.biases.append(layer.bias)

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from pyro_nflows.nn.made import MADE
 from pyro_nflows.transforms.base import SOFT_CLAMPS, ConditionalFlow, FlowTransform, soft_clamp
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_count, check_input_dim, check_positive, check_spline_from
+from pyro_nflows.validation import check_bool, check_count, check_input_dim, check_positive, check_spline_from
 
 __all__ = [
     "AffineMap",
@@ -325,11 +325,13 @@ class MaskedAutoregressive(ConditionedMaskedAutoregressive, TransformModule):
         made_reads: str,
         hidden_dims: Sequence[int] | None = None,
         ordering="natural",
+        identity_init: bool = True,
         cache_size: int = 1,
     ):
         check_input_dim(input_dim)
         hidden_dims = default_made_hidden_dims(input_dim) if hidden_dims is None else hidden_dims
-        made = MADE(input_dim, hidden_dims, elementwise.param_dim, ordering=ordering)
+        scale = _output_init_scale(input_dim, identity_init)
+        made = MADE(input_dim, hidden_dims, elementwise.param_dim, ordering=ordering, output_init_scale=scale)
         super().__init__(made, elementwise, made_reads, cache_size=cache_size)
 
 
@@ -346,15 +348,29 @@ class ConditionalMaskedAutoregressive(ConditionalFlow):
         made_reads: str,
         hidden_dims: Sequence[int] | None = None,
         ordering="natural",
+        identity_init: bool = True,
     ):
         super().__init__(input_dim, context_dim)
         hidden_dims = default_made_hidden_dims(input_dim, context_dim) if hidden_dims is None else hidden_dims
-        self.made = MADE(input_dim, hidden_dims, elementwise.param_dim, context_dim=context_dim, ordering=ordering)
+        self.made = MADE(
+            input_dim,
+            hidden_dims,
+            elementwise.param_dim,
+            context_dim=context_dim,
+            ordering=ordering,
+            output_init_scale=_output_init_scale(input_dim, identity_init),
+        )
         self.elementwise = elementwise
         self.made_reads = made_reads
 
     def _condition(self, context: torch.Tensor) -> ConditionedMaskedAutoregressive:
         return ConditionedMaskedAutoregressive(self.made, self.elementwise, self.made_reads, context)
+
+
+def _output_init_scale(input_dim: int, identity_init: bool) -> float:
+    r"""The MADE's output-layer factor: 1e-2, near the identity, or
+    :math:`1/\sqrt{D}`, a mild random start (see :func:`maf`)."""
+    return 1e-2 if check_bool("identity_init", identity_init) else input_dim**-0.5
 
 
 def _gate_bias(made: MADE, value: float) -> None:
@@ -363,10 +379,28 @@ def _gate_bias(made: MADE, value: float) -> None:
         made.biases[-1][1 :: made.param_dim] = value
 
 
-def maf(input_dim: int, hidden_dims: Sequence[int] | None = None, ordering="natural") -> MaskedAutoregressive:
+def maf(
+    input_dim: int, hidden_dims: Sequence[int] | None = None, ordering="natural", identity_init: bool = True
+) -> MaskedAutoregressive:
     r"""Masked autoregressive flow [2]: affine, :math:`\theta` from the data
     side. ``log_prob`` of data is one network pass; sampling is sequential
     (about one pass of arithmetic, see :mod:`pyro_nflows.nn.made`).
+
+    ``identity_init=True`` starts near the identity: the MADE's output
+    weights are torch's default initialisation times 1e-2. ``False`` starts
+    as a mild random map: those weights divided by :math:`\sqrt{D}` instead,
+    so that the spread of the initial log-determinant, a sum of :math:`D`
+    random terms, does not grow with the dimension (biases zero either way).
+    :func:`~pyro_nflows.density.fit` uses ``False``, as for its couplings
+    (see :mod:`~pyro_nflows.transforms.coupling`). Measured with
+    ``fit(flow="maf")`` (5 layers, 100 epochs, ``benchmarks/density.py``'s
+    data), test NLL with ``True`` minus ``False``, mean ± standard error over
+    seeds 0-9: checkerboard 0.019 ± 0.012 bits, eight_gaussians 0.014 ±
+    0.011 nats (random start better on 9 of 10 seeds), rings 0.064 ± 0.055,
+    two_moons 0.008 ± 0.009, two_spirals 0.008 ± 0.020, digits 0.33 ± 0.26
+    (7 of 10); pinwheel -0.017 ± 0.013 and circles -0.009 ± 0.041. Torch's
+    initialisation undivided (zuko's) loses digits by 1.86 ± 0.26 nats (0 of
+    5 seeds) and pinwheel by 0.023 ± 0.012.
 
     Example::
 
@@ -376,7 +410,7 @@ def maf(input_dim: int, hidden_dims: Sequence[int] | None = None, ordering="natu
         >>> d.log_prob(torch.randn(5, 3)).shape
         torch.Size([5])
     """
-    return MaskedAutoregressive(input_dim, data_affine_map(), "output", hidden_dims, ordering)
+    return MaskedAutoregressive(input_dim, data_affine_map(), "output", hidden_dims, ordering, identity_init)
 
 
 def iaf(input_dim: int, hidden_dims: Sequence[int] | None = None, stable: bool = False, ordering="natural") -> MaskedAutoregressive:
@@ -407,10 +441,16 @@ def spline_autoregressive(
 
 
 def conditional_maf(
-    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None, ordering="natural"
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    ordering="natural",
+    identity_init: bool = True,
 ) -> ConditionalMaskedAutoregressive:
-    """MAF whose MADE also reads a context."""
-    return ConditionalMaskedAutoregressive(input_dim, context_dim, data_affine_map(), "output", hidden_dims, ordering)
+    """MAF whose MADE also reads a context; ``identity_init`` as in :func:`maf`."""
+    return ConditionalMaskedAutoregressive(
+        input_dim, context_dim, data_affine_map(), "output", hidden_dims, ordering, identity_init
+    )
 
 
 def conditional_iaf(
