@@ -161,7 +161,7 @@ def test_starts_at_the_identity(kind, conditional):
 
 @pytest.mark.parametrize("kind", ["affine", "additive"])
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
-def test_identity_init_false_keeps_the_default_initialisation(kind, conditional):
+def test_identity_init_false_starts_from_torchs_initialisation_over_sqrt_t(kind, conditional):
     """``identity_init=False`` starts the last layer at torch's initialisation
     divided by sqrt(t), t = 3 transformed coordinates: not the identity from
     the start, and every output unit already differs. (Spline couplings have

@@ -209,8 +209,9 @@ def _coupling_net(
             last.weight.zero_()
             last.bias.zero_()
         else:
-            last.weight.mul_(param_shapes[0][0] ** -0.5)
-            last.bias.mul_(param_shapes[0][0] ** -0.5)
+            transformed_dim = param_shapes[0][0]
+            last.weight.mul_(transformed_dim**-0.5)
+            last.bias.mul_(transformed_dim**-0.5)
     return net
 
 
