@@ -114,8 +114,7 @@ from torch import nn  # noqa: E402
 
 from pyro_nflows import datasets  # noqa: E402
 from pyro_nflows.density import fit  # noqa: E402
-from pyro_nflows.transforms.autoregressive import default_made_hidden_dims  # noqa: E402
-from pyro_nflows.transforms.coupling import _default_hidden_dims as default_coupling_hidden_dims  # noqa: E402
+from pyro_nflows.nn import default_hidden_dims  # noqa: E402
 
 TOYS = ["checkerboard", "two_moons", "eight_gaussians", "pinwheel", "two_spirals", "rings", "circles"]
 FLOWS = ["maf", "nsf", "realnvp"]
@@ -143,7 +142,7 @@ class Unavailable(Exception):
 
 def hidden_width(flow: str, dim: int) -> int:
     """Our default hidden width for a preset at dimension ``dim`` (two layers of it)."""
-    widths = default_coupling_hidden_dims(dim) if flow == "realnvp" else default_made_hidden_dims(dim)
+    widths = default_hidden_dims(dim, network="coupling" if flow == "realnvp" else "made")
     assert len(set(widths)) == 1, widths
     return widths[0]
 

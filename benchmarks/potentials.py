@@ -34,7 +34,7 @@ registered (yet) is skipped with a note.
 for contrast, closed form): time per point of the uncached inverse through
 the whole stack against the forward pass, at a batch of 10,000 and of 1
 (median of repeats, single-threaded); the Newton iterations each planar layer
-took (:attr:`~pyro_nflows.transforms.planar.ConditionedPlanar.last_inverse_iterations`,
+took (:attr:`~pyro_nflows.transforms.planar_flow.ConditionedPlanar.last_inverse_iterations`,
 for a batch, which stops when its slowest point has converged; and per point,
 inverting points one at a time); and the round-trip error
 :math:`\max\|f(f^{-1}(y)) - y\|` on the flow's own samples and on points

@@ -68,7 +68,7 @@ POSTERIORS = [
     "convex_triangular:5",
     "iaf:2",
     "sylvester:4",
-    "sylvester:4(kind='householder', num_householder=8)",
+    "sylvester:4(kind='householder', count_transforms=8)",
     "sylvester:4(kind='triangular')",
     "planar:8",
 ]

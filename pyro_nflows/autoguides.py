@@ -89,7 +89,7 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import pyro
 import pyro.distributions as dist
@@ -111,21 +111,9 @@ from torch.distributions.transforms import (
 )
 
 from pyro_nflows.registry import build_flow, parse_spec
-from pyro_nflows.transforms.autoregressive import alternate_ordering, iaf
 from pyro_nflows.transforms.elementwise import ActNorm, ElementwiseAffine
-from pyro_nflows.transforms.linear import (
-    ConvexTriangularLinear,
-    Householder,
-    LULinear,
-    QRLinear,
-    TriangularLinear,
-    convex_triangular_linear,
-    householder,
-)
-from pyro_nflows.transforms.planar import planar
-from pyro_nflows.transforms.sylvester import KINDS as SYLVESTER_KINDS
-from pyro_nflows.transforms.sylvester import layer_options as sylvester_layer_options
-from pyro_nflows.transforms.sylvester import sylvester
+from pyro_nflows.transforms.linear import ConvexTriangularLinear, Householder, LULinear, QRLinear, TriangularLinear
+from pyro_nflows.transforms.sylvester_flow import KINDS as SYLVESTER_KINDS
 from pyro_nflows.validation import check_count, check_positive
 
 __all__ = [
@@ -475,25 +463,10 @@ class AutoFlow(AutoContinuous):
 # ---------------------------------------------------------------------------
 
 
-def _householder_flow(count_transforms: int | None, dim: int) -> list[Transform]:
-    return [householder(dim, count_transforms=count_transforms or dim)]
-
-
-def _iaf_flow(num_transforms: int, hidden_dims, stable: bool, dim: int) -> list[Transform]:
-    options = {"hidden_dims": hidden_dims, "stable": stable}
-    return [iaf(dim, **alternate_ordering(index, dict(options))) for index in range(num_transforms)]
-
-
-def _sylvester_flow(kind: str, num_transforms: int, dim: int) -> list[Transform]:
-    return [sylvester(dim, **sylvester_layer_options(index, {"kind": kind})) for index in range(num_transforms)]
-
-
-def _planar_flow(num_transforms: int, dim: int) -> list[Transform]:
-    return [planar(dim) for _ in range(num_transforms)]
-
-
-def _convex_triangular_flow(count_matrices: int, dim: int) -> list[Transform]:
-    return [convex_triangular_linear(dim, count_matrices=count_matrices)]
+def _registry_flow(name: str, count: int | None, options: dict[str, Any], dim: int) -> list[Transform]:
+    """The registry's stack ``name:count`` for latents of size ``dim`` (``count``
+    None: ``dim``), ``options`` going to every layer."""
+    return build_flow(f"{name}:{count or dim}", dim, defaults=options)
 
 
 class AutoHouseholder(AutoFlow):
@@ -529,7 +502,7 @@ class AutoHouseholder(AutoFlow):
     ):
         if count_transforms is not None:
             check_count("count_transforms", count_transforms)
-        flow = functools.partial(_householder_flow, count_transforms)
+        flow = functools.partial(_registry_flow, "householder", count_transforms, {})
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.count_transforms = count_transforms
 
@@ -573,7 +546,7 @@ class AutoIAF(AutoFlow):
         check_count("num_transforms", num_transforms)
         if hidden_dims is not None:
             hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
-        flow = functools.partial(_iaf_flow, num_transforms, hidden_dims, bool(stable))
+        flow = functools.partial(_registry_flow, "iaf", num_transforms, {"hidden_dims": hidden_dims, "stable": bool(stable)})
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.num_transforms = num_transforms
         self.hidden_dims = hidden_dims
@@ -615,7 +588,7 @@ class AutoSylvester(AutoFlow):
         if kind not in SYLVESTER_KINDS:
             raise ValueError(f"unknown Sylvester kind {kind!r}; known kinds: {', '.join(map(repr, SYLVESTER_KINDS))}")
         check_count("num_transforms", num_transforms)
-        flow = functools.partial(_sylvester_flow, kind, num_transforms)
+        flow = functools.partial(_registry_flow, "sylvester", num_transforms, {"kind": kind})
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.kind = kind
         self.num_transforms = num_transforms
@@ -649,7 +622,7 @@ class AutoPlanar(AutoFlow):
         init_scale: float = 0.1,
     ):
         check_count("num_transforms", num_transforms)
-        flow = functools.partial(_planar_flow, num_transforms)
+        flow = functools.partial(_registry_flow, "planar", num_transforms, {})
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.num_transforms = num_transforms
 
@@ -682,6 +655,6 @@ class AutoConvexTriangular(AutoFlow):
         init_scale: float = 0.1,
     ):
         check_count("count_matrices", count_matrices)
-        flow = functools.partial(_convex_triangular_flow, count_matrices)
+        flow = functools.partial(_registry_flow, "convex_triangular_linear", count_matrices, {})
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.count_matrices = count_matrices

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from pyro_nflows.registry import build_flow
 from pyro_nflows.saving import read_model, write_model
 from pyro_nflows.transforms.elementwise import ActNorm
-from pyro_nflows.validation import check_count
+from pyro_nflows.validation import check_count, check_rows
 
 __all__ = ["DEFAULT_FLOW", "PRESETS", "DensityModel", "FitHistory", "check_data", "fit", "load"]
 
@@ -68,25 +68,8 @@ def check_data(data, name: str = "data", min_rows: int = 2) -> torch.Tensor:
     """Return ``data`` as a float tensor of shape ``(n, d)``, or raise ``ValueError``
     naming the rows or columns at fault (non-finite values, constant columns,
     too few rows, wrong number of dimensions)."""
-    tensor = torch.as_tensor(data)
-    if not tensor.is_floating_point():
-        tensor = tensor.to(torch.get_default_dtype())
-    if tensor.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D array of shape (rows, columns), got shape {tuple(tensor.shape)}")
-    rows, columns = tensor.shape
-    if columns < 1:
-        raise ValueError(f"{name} has no columns")
-    bad = ~torch.isfinite(tensor)
-    if bad.any():
-        bad_rows = torch.nonzero(bad.any(1)).flatten().tolist()
-        bad_columns = torch.nonzero(bad.any(0)).flatten().tolist()
-        raise ValueError(
-            f"{name} holds NaN or infinite values in {len(bad_rows)} rows "
-            f"(first rows: {bad_rows[:10]}) and columns {bad_columns[:10]}; remove or impute them"
-        )
-    if rows < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows, got {rows}")
-    constant = torch.nonzero(tensor.std(0) == 0).flatten().tolist() if rows > 1 else []
+    tensor = check_rows(data, name, min_rows=min_rows)
+    constant = torch.nonzero(tensor.std(0) == 0).flatten().tolist() if len(tensor) > 1 else []
     if constant:
         raise ValueError(
             f"{name} has constant columns {constant[:10]}: a density over them is degenerate; drop them"
@@ -205,7 +188,7 @@ class DensityModel(nn.Module):
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> "DensityModel":
         """Restore a model written by :meth:`save` (weights only, no unpickling)."""
-        return read_model(cls, "density", path, map_location, kind_required=False)
+        return read_model(cls, "density", path, map_location)
 
 
 def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> DensityModel:

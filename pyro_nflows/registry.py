@@ -28,30 +28,77 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyro_nflows.transforms import elementwise, linear, permutation
-from pyro_nflows.transforms import autoregressive, coupling
-from pyro_nflows.transforms.planar import conditional_planar, planar
-from pyro_nflows.transforms.radial import conditional_radial, radial
-from pyro_nflows.transforms.sylvester import conditional_sylvester, layer_options, sylvester
+from pyro_nflows.transforms import (
+    autoregressive,
+    coupling,
+    elementwise,
+    linear,
+    permutation,
+    planar_flow,
+    radial_flow,
+    sylvester_flow,
+)
 from pyro_nflows.validation import check_count, check_input_dim
 
-__all__ = ["FLOWS", "FlowEntry", "available_flows", "build_flow", "parse_spec"]
+__all__ = ["ALIASES", "FLOWS", "Alternation", "FlowEntry", "available_flows", "build_flow", "canonical_name", "parse_spec"]
+
+
+@dataclass(frozen=True)
+class Alternation:
+    """How the layers of a stack alternate one option between two values, so
+    that successive layers transform the coordinates different ways (a
+    coupling's kept half, a MADE's ordering). Calling it with a layer's index
+    in the stack and the spec's options returns that layer's options (a new
+    dict).
+
+    :param key: the option, e.g. ``"reverse"``.
+    :param values: the two values, e.g. ``(False, True)``.
+    :param spec_value: what a value written in the spec does: ``"starts"``
+        (the first layer takes it and the layers alternate from there) or
+        ``"holds"`` (every layer takes it: no alternation).
+    :param only_if: ``(key, value)``: alternate only when that option has
+        that value (Sylvester flows orient only their ``"triangular"`` kind).
+
+    A spec value that is not one of ``values`` is passed on as written, for
+    the layer's own check to refuse.
+    """
+
+    key: str
+    values: tuple[Any, Any]
+    spec_value: str = "starts"
+    only_if: tuple[str, Any] | None = None
+
+    def __call__(self, index: int, options: dict[str, Any]) -> dict[str, Any]:
+        if self.only_if is not None and options.get(self.only_if[0]) != self.only_if[1]:
+            return dict(options)
+        start = 0
+        if self.key in options:
+            given = options[self.key]
+            known = [type(given) is type(value) and given == value for value in self.values]
+            if self.spec_value == "holds" or not any(known):
+                return dict(options)
+            start = known.index(True)
+        return {**options, self.key: self.values[(start + index) % 2]}
+
+
+# Couplings keep the other half in every other layer; MADEs reverse their ordering.
+_ALTERNATE_HALVES = Alternation("reverse", (False, True))
+_ALTERNATE_ORDERINGS = Alternation("ordering", ("natural", "reversed"), spec_value="holds")
 
 
 @dataclass(frozen=True)
 class FlowEntry:
     """A flow family: its helper, its conditional helper (or ``None``), and
     what the ``N`` of ``name:N`` sets (``count``: a keyword of the helpers, or
-    ``None`` for "N stacked layers"). ``per_layer(index, options)``, where
-    given, returns the options for layer ``index`` of a stack (say, to
-    alternate an orientation between layers)."""
+    ``None`` for "N stacked layers"). ``alternate``, where given, is the
+    :class:`Alternation` of an option between the layers of a stack."""
 
     name: str
     build: Callable[..., Any]
     build_conditional: Callable[..., Any] | None
     summary: str
     count: str | None = None
-    per_layer: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
+    alternate: Alternation | None = None
 
     def options(self, conditional: bool) -> list[str]:
         """The keyword options the helper takes besides the dimensions."""
@@ -96,37 +143,37 @@ FLOWS: dict[str, FlowEntry] = {
         FlowEntry("permute", permutation.random_permutation, None, "fixed random permutation of the coordinates"),
         FlowEntry(
             "planar",
-            planar,
-            conditional_planar,
+            planar_flow.planar,
+            planar_flow.conditional_planar,
             "planar flow x + u tanh(w.x + b) (Rezende & Mohamed); inverse by bracketed Newton",
         ),
         FlowEntry(
             "radial",
-            radial,
-            conditional_radial,
+            radial_flow.radial,
+            radial_flow.conditional_radial,
             "radial flow x + beta (x - x0) / (alpha + |x - x0|) (Rezende & Mohamed); closed-form inverse",
         ),
         FlowEntry(
             "sylvester",
-            sylvester,
-            conditional_sylvester,
+            sylvester_flow.sylvester,
+            sylvester_flow.conditional_sylvester,
             "Sylvester flow x + Q R tanh(R~ Q^T x + b) (van den Berg et al.); kind = orthogonal, "
             "householder or triangular; numerical inverse",
-            per_layer=layer_options,
+            alternate=Alternation("reverse", (False, True), only_if=("kind", "triangular")),
         ),
         FlowEntry(
             "affine_coupling",
             coupling.affine_coupling,
             coupling.conditional_affine_coupling,
             "RealNVP affine coupling x_b exp(s(x_a)) + t(x_a), bounded log-scale; layers alternate reverse",
-            per_layer=coupling.coupling_layer_options,
+            alternate=_ALTERNATE_HALVES,
         ),
         FlowEntry(
             "additive_coupling",
             coupling.additive_coupling,
             coupling.conditional_additive_coupling,
             "NICE additive coupling x_b + t(x_a) (volume preserving); layers alternate reverse",
-            per_layer=coupling.coupling_layer_options,
+            alternate=_ALTERNATE_HALVES,
         ),
         FlowEntry(
             "spline_coupling",
@@ -134,39 +181,46 @@ FLOWS: dict[str, FlowEntry] = {
             coupling.conditional_spline_coupling,
             "neural spline coupling: rational-quadratic splines of x_b, knots from x_a; layers alternate "
             "reverse; spline_from=z (noise side, default) or x (data side, what fit uses)",
-            per_layer=coupling.coupling_layer_options,
+            alternate=_ALTERNATE_HALVES,
         ),
         FlowEntry(
             "maf",
             autoregressive.maf,
             autoregressive.conditional_maf,
             "masked autoregressive flow (affine): one-pass scoring, fast sequential sampling; layers alternate ordering",
-            per_layer=autoregressive.alternate_ordering,
+            alternate=_ALTERNATE_ORDERINGS,
         ),
         FlowEntry(
             "iaf",
             autoregressive.iaf,
             autoregressive.conditional_iaf,
             "inverse autoregressive flow (affine, stable=True gated): one-pass sampling; layers alternate ordering",
-            per_layer=autoregressive.alternate_ordering,
+            alternate=_ALTERNATE_ORDERINGS,
         ),
         FlowEntry(
             "spline_autoregressive",
             autoregressive.spline_autoregressive,
             autoregressive.conditional_spline_autoregressive,
             "autoregressive rational-quadratic splines (direction maf or iaf); layers alternate ordering",
-            per_layer=autoregressive.alternate_ordering,
+            alternate=_ALTERNATE_ORDERINGS,
         ),
     ]
 }
 
+# Other names a spec may use: the paper's (ccLinIAF) and a shorter one. The
+# VAE posteriors read this table too.
 ALIASES = {"convex_triangular": "convex_triangular_linear", "ccliniaf": "convex_triangular_linear"}
 
 _ITEM = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*(?P<count>[^(\s]+))?\s*(?:\((?P<options>.*)\))?\s*$")
 
 
+def canonical_name(name: str) -> str:
+    """The registry's name for ``name``, which may be an alias (``"ccliniaf"``)."""
+    return ALIASES.get(name, name)
+
+
 def _lookup(name: str) -> FlowEntry:
-    name = ALIASES.get(name, name)
+    name = canonical_name(name)
     if name not in FLOWS:
         known = ", ".join(sorted(FLOWS) + sorted(ALIASES))
         raise ValueError(f"unknown flow {name!r}; known flows: {known}")
@@ -274,7 +328,7 @@ def _build_item(
             options[entry.count] = count
     transforms = []
     for index in range(round_index * layers, (round_index + 1) * layers):
-        layer = entry.per_layer(index, dict(options)) if entry.per_layer else options
+        layer = entry.alternate(index, options) if entry.alternate else options
         if conditional:
             transforms.append(entry.build_conditional(input_dim, context_dim, **layer))
         else:

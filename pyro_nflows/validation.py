@@ -11,7 +11,16 @@ import math
 
 import torch
 
-__all__ = ["check_bool", "check_count", "check_event", "check_input_dim", "check_positive", "check_spline_from"]
+__all__ = [
+    "check_bool",
+    "check_count",
+    "check_event",
+    "check_finite",
+    "check_input_dim",
+    "check_positive",
+    "check_rows",
+    "check_spline_from",
+]
 
 
 def check_bool(name: str, value: bool) -> bool:
@@ -62,3 +71,42 @@ def check_event(x: torch.Tensor, size: int, who: str, what: str = "input") -> No
             f"{who} expects {what}s whose last dimension is {size}, "
             f"got a tensor of shape {tuple(x.shape)}"
         )
+
+
+def check_finite(value: torch.Tensor, who: str, what: str = "input") -> None:
+    """Raise ``ValueError`` unless every entry of ``value`` is finite (for the
+    numerical inverses, which are defined only for finite points)."""
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{who} got a non-finite {what} ({bad} of {value.numel()} entries are NaN or inf); "
+            "the inverse is defined only for finite points"
+        )
+
+
+def check_rows(data, name: str, columns: int | None = None, min_rows: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``data`` (a tensor or array of rows) as a floating tensor of shape
+    ``(rows, columns)``, or ``ValueError`` naming the fault: the wrong number
+    of dimensions or columns, NaN or infinite entries (the first rows and the
+    columns holding them), fewer than ``min_rows`` rows. Integer data becomes
+    ``dtype`` (default: torch's default dtype)."""
+    tensor = torch.as_tensor(data)
+    if not tensor.is_floating_point():
+        tensor = tensor.to(dtype or torch.get_default_dtype())
+    width = "columns" if columns is None else str(columns)
+    if tensor.dim() != 2 or (columns is not None and tensor.shape[1] != columns):
+        raise ValueError(f"{name} must be a 2-D array of shape (n, {width}), got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] < 1:
+        raise ValueError(f"{name} has no columns")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        bad_rows = torch.nonzero(bad.any(1)).flatten().tolist()
+        bad_columns = torch.nonzero(bad.any(0)).flatten().tolist()
+        raise ValueError(
+            f"{name} holds NaN or infinite values in {len(bad_rows)} rows "
+            f"(first rows: {bad_rows[:10]}) and columns {bad_columns[:10]}; remove or impute them"
+        )
+    if len(tensor) < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} row{'s' if min_rows > 1 else ''}, got {len(tensor)}")
+    return tensor

@@ -19,8 +19,7 @@ from pyro_nflows.transforms import (
     maf,
     spline_autoregressive,
 )
-from pyro_nflows.transforms.autoregressive import AffineMap, GatedAffineMap, SplineMap, data_affine_map
-from pyro_nflows.transforms.base import soft_clamp
+from pyro_nflows.transforms.maps import AffineMap, GatedAffineMap, SplineMap, data_affine_map, soft_clamp
 from pyro_nflows.transforms.splines import rational_quadratic_spline
 
 

@@ -66,10 +66,7 @@ def test_load_refuses_other_files(tmp_path):
     DensityModel(2, num_layers=1).save(path)
     payload = torch.load(path, weights_only=True)
     torch.save({**payload, "format": 1}, path)
-    with pytest.raises(ValueError, match="has format 1; this version reads 5 .*shift is added.*IAF layers went back.*spline coupling"):
-        load(path)
-    torch.save({**payload, "format": 3}, path)
-    with pytest.raises(ValueError, match="has format 3; this version reads 5 .*NSF.*spline coupling.*fit or train the model again"):
+    with pytest.raises(ValueError, match="has format 1; this version reads 5 .*CHANGELOG.md.*fit or train the model again"):
         load(path)
 
 

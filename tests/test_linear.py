@@ -18,7 +18,7 @@ from pyro_nflows.transforms import (
     qr_linear,
     triangular_linear,
 )
-from pyro_nflows.transforms.linear import reflect
+from pyro_nflows.transforms.matrices import reflect
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -116,7 +116,7 @@ def test_convex_triangular_is_a_convex_combination():
         (lambda: conditional_convex_triangular_linear(3, 2, count_matrices=0), "count_matrices"),
         (lambda: conditional_householder(3, 0), "context_dim"),
         (lambda: conditional_householder(3, 2, hidden_dims=(8, 0)), "hidden_dims"),
-        (lambda: qr_linear(3, count_reflections=0), "count_reflections"),
+        (lambda: qr_linear(3, count_transforms=0), "count_transforms"),
         (lambda: lu_linear(-1), "input_dim"),
     ],
 )

@@ -24,14 +24,11 @@ from pyro_nflows.transforms import (
     conditional_planar,
     conditional_radial,
 )
-from pyro_nflows.transforms.planar import planar_parameters
+from pyro_nflows.transforms import planar_flow as planar_module
+from pyro_nflows.transforms.planar_flow import planar_parameters
 from pyro_nflows.transforms.roots import InverseNotConverged, monotone_root
 
-# `pyro_nflows.transforms.planar` is the helper function; this is the module.
-
 pytestmark = pytest.mark.usefixtures("float64")
-
-planar_module = importlib.import_module("pyro_nflows.transforms.planar")
 
 
 def _singular_planar(dim, log_margin, bias=0.3):
@@ -349,7 +346,7 @@ def test_an_inverse_that_does_not_converge_raises(monkeypatch):
         t.inv(torch.randn(50, 3))
 
 
-@pytest.mark.parametrize("module_name", ["planar", "radial"])
+@pytest.mark.parametrize("module_name", ["planar_flow", "radial_flow"])
 def test_docstring_examples_run(module_name):
     module = importlib.import_module(f"pyro_nflows.transforms.{module_name}")
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()

@@ -17,8 +17,8 @@ def test_count_keyword_and_aliases():
     (layer,) = build_flow("convex_triangular:5", 4)
     assert layer.components.shape[0] == 5
     assert type(build_flow("ccliniaf:3", 4)[0]) is type(layer)  # the paper's name (Tomczak & Welling 2017)
-    (entry, count, options), = parse_spec(" qr_linear : 2 ( count_reflections = 3 ) ")
-    assert (entry.name, count, options) == ("qr_linear", 2, {"count_reflections": 3})
+    (entry, count, options), = parse_spec(" qr_linear : 2 ( count_transforms = 3 ) ")
+    assert (entry.name, count, options) == ("qr_linear", 2, {"count_transforms": 3})
 
 
 def test_context_builds_conditional_versions_where_they_exist():

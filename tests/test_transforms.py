@@ -16,13 +16,13 @@ CONTEXT_DIM = 3
 EXTRA_OPTIONS = {
     "householder": [{"count_transforms": 3}, {"count_transforms": 7}],  # K < D and K > D
     "convex_triangular_linear": [{"count_matrices": 2}, {"count_matrices": 6}],
-    "qr_linear": [{"count_reflections": 2}],
+    "qr_linear": [{"count_transforms": 2}],
     "elementwise_spline": [{"count_bins": 4, "bound": 1.0}],
     "sylvester": [
-        {"num_ortho_vectors": 1},  # default is orthogonal with M = ceil(D/2); also M = 1 and M = D
-        {"num_ortho_vectors": 5},
+        {"count_ortho_vectors": 1},  # default is orthogonal with M = ceil(D/2); also M = 1 and M = D
+        {"count_ortho_vectors": 5},
         {"kind": "householder"},
-        {"kind": "householder", "num_householder": 2},
+        {"kind": "householder", "count_transforms": 2},
         {"kind": "triangular"},
         {"kind": "triangular", "reverse": True},
     ],

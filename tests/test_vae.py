@@ -34,7 +34,7 @@ SPECS = [
     "convex_triangular:3",
     "iaf:2",
     "sylvester:2",
-    "sylvester:2(kind='householder', num_householder=2)",
+    "sylvester:2(kind='householder', count_transforms=2)",
     "sylvester:2(kind='triangular')",
     "planar:2",
 ]
@@ -171,7 +171,7 @@ def test_conditional_flows_linear_in_the_context_pass_the_shared_checks(helper):
 def test_parse_posterior_and_its_errors():
     assert parse_posterior("householder:10") == ("householder", 10, {})
     assert parse_posterior("sylvester:4(kind=triangular)") == ("sylvester", 4, {"kind": "triangular"})
-    assert parse_posterior("ccliniaf:5") == ("convex_triangular", 5, {})
+    assert parse_posterior("ccliniaf:5") == ("convex_triangular_linear", 5, {})
     assert parse_posterior("gaussian") == ("gaussian", None, {})
     for name in ["gaussian", "householder", "convex_triangular", "iaf", "sylvester", "planar"]:
         assert name in available_posteriors()

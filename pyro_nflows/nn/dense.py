@@ -20,13 +20,7 @@ from torch import nn
 
 from pyro_nflows.validation import check_count
 
-__all__ = ["ContextNet", "default_hidden_dims"]
-
-
-def default_hidden_dims(input_dim: int, context_dim: int) -> tuple[int, int]:
-    """Two hidden layers of ``10 * max(input_dim, context_dim)`` units, as Pyro's own conditional flows use."""
-    width = 10 * max(input_dim, context_dim)
-    return (width, width)
+__all__ = ["ContextNet"]
 
 
 class ContextNet(nn.Module):

@@ -72,14 +72,14 @@ from pyro_nflows.transforms.linear import (
     triangular_linear,
 )
 from pyro_nflows.transforms.permutation import PermuteModule, random_permutation
-from pyro_nflows.transforms.planar import (
+from pyro_nflows.transforms.planar_flow import (
     ConditionalPlanar,
     ConditionedPlanar,
     Planar,
     conditional_planar,
     planar,
 )
-from pyro_nflows.transforms.radial import (
+from pyro_nflows.transforms.radial_flow import (
     ConditionalRadial,
     ConditionedRadial,
     Radial,
@@ -87,7 +87,7 @@ from pyro_nflows.transforms.radial import (
     radial,
 )
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.transforms.sylvester import (
+from pyro_nflows.transforms.sylvester_flow import (
     ConditionalSylvester,
     ConditionedSylvester,
     Sylvester,

@@ -35,41 +35,16 @@ from torch.distributions.transforms import Transform
 
 from pyro.distributions.conditional import ConditionalTransformModule
 
-from pyro_nflows.nn.dense import ContextNet, default_hidden_dims
+from pyro_nflows.nn.dense import ContextNet
+from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.validation import check_count, check_event, check_input_dim
 
-__all__ = ["SOFT_CLAMPS", "ConditionalFlow", "FlowTransform", "resolve", "soft_clamp"]
+__all__ = ["ConditionalFlow", "FlowTransform", "resolve"]
 
 
 def resolve(value):
     """A parameter given as a tensor or as a callable returning one (Pyro's convention)."""
     return value() if callable(value) else value
-
-
-SOFT_CLAMPS = ("softsign", "tanh")
-
-
-def soft_clamp(value: torch.Tensor, bound: float, shape: str = "softsign") -> torch.Tensor:
-    """``value`` smoothly kept inside ``(-bound, bound)``, close to ``value`` near 0.
-
-    - ``"softsign"``: ``value / (1 + |value| / bound)``, whose gradient dies
-      like ``1 / value**2`` near the bound, so a layer that needs a large
-      log-scale (a thin ring, a sharp edge) keeps being pushed towards it;
-    - ``"tanh"``: ``bound * tanh(value / bound)``, whose gradient dies
-      exponentially, and which reaches a given fraction of the bound with a
-      smaller ``value``.
-
-    A hard clamp has zero gradient outside its range. Which shape suits which
-    flow was measured (the numbers are in
-    :class:`~pyro_nflows.transforms.autoregressive.AffineMap`'s docstring):
-    softsign for the flows fitted to data (MAF, RealNVP), tanh for IAF
-    fitted by sampling.
-    """
-    if shape == "softsign":
-        return value / (1 + value.abs() / bound)
-    if shape == "tanh":
-        return bound * torch.tanh(value / bound)
-    raise ValueError(f"the soft clamp's shape must be one of {SOFT_CLAMPS}, got {shape!r}")
 
 
 class FlowTransform(Transform):

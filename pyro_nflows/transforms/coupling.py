@@ -45,7 +45,7 @@ scales by at most :math:`e^{B}` and its inverse cannot blow up, while near
 :math:`\tilde s = 0` it is the identity (:math:`s \approx \tilde s`), so small
 outputs pass through unchanged ([2] uses a :math:`\tanh` the same way; this
 bound's gradient fades more slowly near :math:`B`, see
-:func:`~pyro_nflows.transforms.base.soft_clamp`).
+:func:`~pyro_nflows.transforms.maps.soft_clamp`).
 
 **Start at the identity, or not.** By default the last layer of every
 coupling network starts at zero (as in Glow [4]), so a fresh coupling is the
@@ -125,8 +125,9 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 
 from pyro_nflows.nn.dense import ContextNet
-from pyro_nflows.transforms.autoregressive import data_affine_map
+from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
+from pyro_nflows.transforms.maps import data_affine_map
 from pyro_nflows.transforms.splines import rational_quadratic_spline
 from pyro_nflows.validation import check_bool, check_count, check_input_dim, check_positive, check_spline_from
 
@@ -147,7 +148,6 @@ __all__ = [
     "conditional_additive_coupling",
     "conditional_affine_coupling",
     "conditional_spline_coupling",
-    "coupling_layer_options",
     "spline_coupling",
 ]
 
@@ -180,12 +180,6 @@ def _check_split(input_dim: int, split_dim: int | None) -> int:
     return split_dim
 
 
-def _default_hidden_dims(input_dim: int, context_dim: int = 0) -> tuple[int, int]:
-    """Two hidden layers of ``min(512, max(64, 10 * max(input_dim, context_dim)))`` units."""
-    width = min(512, max(64, 10 * max(input_dim, context_dim)))
-    return (width, width)
-
-
 def _coupling_net(
     in_dim: int,
     hidden_dims: Sequence[int] | None,
@@ -199,7 +193,7 @@ def _coupling_net(
     divided by :math:`\sqrt{t}`, :math:`t` = ``param_shapes[0][0]`` the number
     of transformed coordinates (see the module docstring)."""
     if hidden_dims is None:
-        hidden_dims = _default_hidden_dims(input_dim, context_dim)
+        hidden_dims = default_hidden_dims(input_dim, context_dim, "coupling")
     if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence) or not hidden_dims:
         raise ValueError(f"hidden_dims must be a non-empty sequence of layer widths, got {hidden_dims!r}")
     net = ContextNet(in_dim, hidden_dims, param_shapes)
@@ -346,7 +340,7 @@ class ConditionedAffineCoupling(ConditionedCoupling):
     with :math:`(\tilde s, t)` from the network, each of shape
     ``(..., transformed_dim)``, and the log-scale softly clamped to
     :math:`(-B, B)`, ``B = log_scale_bound``: the element-wise map is
-    :class:`~pyro_nflows.transforms.autoregressive.AffineMap` with
+    :class:`~pyro_nflows.transforms.maps.AffineMap` with
     ``shift_on="z"``, MAF's form. (Dinh et al. write
     :math:`y_b = x_b e^{s} + t`, the same family; see the ``AffineMap``
     docstring for why the shift goes on the side that is trained. For
@@ -412,7 +406,7 @@ class ConditionedSplineCoupling(ConditionedCoupling):
         rational-quadratic spline is not one, so these are two different
         families; each is cheap and exact both ways, but each trains better
         from its own side (as for
-        :class:`~pyro_nflows.transforms.autoregressive.SplineMap`), so
+        :class:`~pyro_nflows.transforms.maps.SplineMap`), so
         :func:`~pyro_nflows.density.fit` builds its spline couplings with
         ``"x"`` unless the spec says otherwise. Measured with 5 layers of
         ``fit(flow="spline_coupling(spline_from=...)")``, 100 epochs, 9000
@@ -782,13 +776,3 @@ def conditional_spline_coupling(
     return ConditionalSplineCoupling(
         input_dim, context_dim, split_dim, hidden_dims, count_bins, bound, reverse, spline_from
     )
-
-
-def coupling_layer_options(index: int, options: dict[str, Any]) -> dict[str, Any]:
-    """Per-layer options for a stack of couplings (the registry's ``per_layer``):
-    layers alternate ``reverse``, starting from the given value (default False),
-    so that every coordinate is transformed by every other layer."""
-    reverse = options.get("reverse", False)
-    if not isinstance(reverse, bool):
-        return options  # the layer itself raises a clear error
-    return {**options, "reverse": reverse ^ (index % 2 == 1)}

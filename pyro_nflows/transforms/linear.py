@@ -15,18 +15,10 @@ QRLinear                  :math:`Q R`, :math:`Q` a product of             :math:
 Every inverse is exact: a triangular solve (:math:`O(D^2)` per point) or the
 transpose of an orthogonal matrix.
 
-**Products of reflections.** A reflection is
-:math:`H_k = I - 2 u_k u_k^\top` with :math:`\|u_k\| = 1`. Applying :math:`K`
-of them one after the other (as Pyro's ``Householder`` does) costs :math:`K`
-sequential passes over the batch. Instead we use the compact "UT" form of the
-product [3, 4]: with :math:`U = [u_1, \dots, u_K]` and
-:math:`S = \operatorname{triu}(U^\top U, 1) + \tfrac12 I`,
-
-.. math:: H_1 H_2 \cdots H_K = I - U S^{-1} U^\top,
-
-so a batch of row vectors is reflected by two matrix products and one
-:math:`K \times K` triangular solve, whatever :math:`K` is. ``Householder`` and
-``QRLinear`` share this (:func:`reflect`).
+Products of reflections (``Householder``, the :math:`Q` of ``QRLinear``)
+are applied by :func:`~pyro_nflows.transforms.matrices.reflect`: two matrix
+products and a :math:`K \times K` triangular solve, whatever the number
+:math:`K` of reflections.
 
 References:
 
@@ -34,21 +26,14 @@ References:
     Householder Flow. arXiv:1611.09630
 [2] Jakub M. Tomczak, Max Welling. Improving Variational Auto-Encoders using
     convex combination linear Inverse Autoregressive Flow. arXiv:1706.02326
-[3] Thierry Joffrain, Tze Meng Low, Enrique S. Quintana-Orti, Robert van de
-    Geijn, Field G. Van Zee. Accumulating Householder transformations,
-    revisited. ACM TOMS 32(2), 2006.
-[4] Robert Schreiber, Charles Van Loan. A storage-efficient WY representation
-    for products of Householder transformations. SIAM J. Sci. Stat. Comput.
-    10(1), 1989.
-[5] Diederik P. Kingma, Prafulla Dhariwal. Glow: Generative Flow with
+[3] Diederik P. Kingma, Prafulla Dhariwal. Glow: Generative Flow with
     Invertible 1x1 Convolutions. arXiv:1807.03039
-[6] Emiel Hoogeboom, Rianne van den Berg, Max Welling. Emerging Convolutions
+[4] Emiel Hoogeboom, Rianne van den Berg, Max Welling. Emerging Convolutions
     for Generative Normalizing Flows. arXiv:1901.11137
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -57,6 +42,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
+from pyro_nflows.transforms.matrices import count_off_diagonal, fill_triangle, matvec, reflect, triangular_solve
 from pyro_nflows.validation import check_count, check_input_dim
 
 __all__ = [
@@ -78,66 +64,8 @@ __all__ = [
     "householder",
     "lu_linear",
     "qr_linear",
-    "reflect",
     "triangular_linear",
 ]
-
-
-# ---------------------------------------------------------------------------
-# Shared matrix helpers: a matrix is either shared by the whole batch, shape
-# (D, D), or has batch dimensions of its own, shape (..., D, D), that broadcast
-# against those of x.
-# ---------------------------------------------------------------------------
-
-
-def _matvec(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` for each vector ``x[..., :]``; one GEMM when the matrix is shared."""
-    if matrix.dim() == 2:
-        return x @ matrix.mT
-    return (matrix @ x.unsqueeze(-1)).squeeze(-1)
-
-
-def _triangular_solve(
-    matrix: torch.Tensor, y: torch.Tensor, upper: bool, unitriangular: bool = False
-) -> torch.Tensor:
-    """Solve ``matrix @ x = y`` for each vector ``y[..., :]``; ``matrix`` triangular."""
-    if matrix.dim() == 2:
-        flat = y.reshape(-1, y.shape[-1])
-        x = torch.linalg.solve_triangular(
-            matrix.mT, flat, upper=not upper, left=False, unitriangular=unitriangular
-        )
-        return x.reshape(y.shape)
-    x = torch.linalg.solve_triangular(
-        matrix, y.unsqueeze(-1), upper=upper, unitriangular=unitriangular
-    )
-    return x.squeeze(-1)
-
-
-@functools.lru_cache(maxsize=64)
-def _triangle_indices(size: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of a strict triangle, built once per size and device."""
-    make = torch.tril_indices if offset < 0 else torch.triu_indices
-    rows, cols = make(size, size, offset, device=device)
-    return rows, cols
-
-
-def _fill_triangle(entries: torch.Tensor, size: int, offset: int, diagonal: torch.Tensor) -> torch.Tensor:
-    """A ``size x size`` triangular matrix from packed off-diagonal entries.
-
-    ``offset=-1`` fills the strictly lower triangle, ``offset=1`` the strictly
-    upper one, in the order of ``torch.tril_indices``/``torch.triu_indices``;
-    ``diagonal`` (broadcastable to ``entries.shape[:-1] + (size,)``) goes on the
-    diagonal. Batch dimensions of ``entries`` are kept.
-    """
-    batch = entries.shape[:-1]
-    rows, cols = _triangle_indices(size, offset, entries.device)
-    matrix = entries.new_zeros(batch + (size, size))
-    matrix[..., rows, cols] = entries
-    return matrix + torch.diag_embed(diagonal.expand(batch + (size,)))
-
-
-def _count_off_diagonal(size: int) -> int:
-    return size * (size - 1) // 2
 
 
 def _zero_log_det(x: torch.Tensor) -> torch.Tensor:
@@ -147,46 +75,6 @@ def _zero_log_det(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Products of Householder reflections
 # ---------------------------------------------------------------------------
-
-
-def reflect(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    r"""Apply :math:`H_K \cdots H_1` (or, with ``inverse=True``, its inverse
-    :math:`H_1 \cdots H_K`) to each vector ``x[..., :]``.
-
-    :param x: points of shape ``(..., D)``.
-    :param vectors: reflection vectors :math:`v_1, \dots, v_K` (any non-zero
-        length), shape ``(K, D)`` shared by the batch, or ``(..., K, D)`` with
-        batch dimensions that broadcast against those of ``x``.
-
-    Uses :math:`H_1 \cdots H_K = I - U S^{-1} U^\top` (see the module
-    docstring): two ``(D, K)`` matrix products and a :math:`K \times K`
-    triangular solve per point. When the vectors are shared and
-    :math:`K \ge D/2`, forming the :math:`D \times D` product once and
-    applying it with one matrix product is cheaper, and that is what it does.
-    """
-    units = vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-    gram = units @ units.mT
-    count, dim = units.shape[-2:]
-    eye = torch.eye(count, dtype=units.dtype, device=units.device)
-    s = torch.triu(gram, diagonal=1) + 0.5 * eye
-    # Row vectors: forward is x (H_1 ... H_K) = x - (x U) S^{-1} U^T, and the
-    # inverse (the transpose) is x - (x U) S^{-T} U^T.
-    factor = s.mT if inverse else s
-    if units.dim() == 2:
-        flat = x.reshape(-1, dim)
-        if 2 * count >= dim:
-            # M = I - U S^{-1} U^T as a dense matrix (S^{-1} U^T by a triangular solve).
-            solved = torch.linalg.solve_triangular(factor, units, upper=not inverse)
-            matrix = torch.eye(dim, dtype=units.dtype, device=units.device) - units.mT @ solved
-            return (flat @ matrix).reshape(x.shape)
-        coefficients = torch.linalg.solve_triangular(
-            factor, flat @ units.mT, upper=not inverse, left=False
-        )
-        return (flat - coefficients @ units).reshape(x.shape)
-    coefficients = torch.linalg.solve_triangular(
-        factor, x.unsqueeze(-2) @ units.mT, upper=not inverse, left=False
-    )
-    return x - (coefficients @ units).squeeze(-2)
 
 
 class ConditionedHouseholder(FlowTransform):
@@ -321,13 +209,13 @@ class ConditionedTriangularLinear(FlowTransform):
     def matrix(self) -> torch.Tensor:
         """The matrix :math:`L`, shape ``(..., D, D)``."""
         entries = self.strictly_lower_entries()
-        return _fill_triangle(entries, self.input_dim, -1, entries.new_ones(()))
+        return fill_triangle(entries, self.input_dim, -1, entries.new_ones(()))
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return _matvec(self.matrix(), x)
+        return matvec(self.matrix(), x)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return _triangular_solve(self.matrix(), y, upper=False, unitriangular=True)
+        return triangular_solve(self.matrix(), y, upper=False, unitriangular=True)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _zero_log_det(x)
@@ -348,7 +236,7 @@ class TriangularLinear(ConditionedTriangularLinear, TransformModule):
 
     def __init__(self, input_dim: int, cache_size: int = 1):
         super().__init__(input_dim, cache_size=cache_size)
-        self.entries = nn.Parameter(torch.zeros(_count_off_diagonal(input_dim)))
+        self.entries = nn.Parameter(torch.zeros(count_off_diagonal(input_dim)))
 
 
 class ConditionalTriangularLinear(ConditionalFlow):
@@ -356,7 +244,7 @@ class ConditionalTriangularLinear(ConditionalFlow):
     returns a :class:`ConditionedTriangularLinear`."""
 
     def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None):
-        super().__init__(input_dim, context_dim, [(_count_off_diagonal(input_dim),)], hidden_dims)
+        super().__init__(input_dim, context_dim, [(count_off_diagonal(input_dim),)], hidden_dims)
 
     def _condition(self, entries: torch.Tensor) -> ConditionedTriangularLinear:
         return ConditionedTriangularLinear(self.input_dim, entries)
@@ -409,7 +297,7 @@ class ConvexTriangularLinear(ConditionedConvexTriangularLinear, TransformModule)
         super().__init__(input_dim, cache_size=cache_size)
         count_matrices = _check_count_matrices(count_matrices)
         self.components = nn.Parameter(
-            0.01 * torch.randn(count_matrices, _count_off_diagonal(input_dim))
+            0.01 * torch.randn(count_matrices, count_off_diagonal(input_dim))
         )
         self.logits = nn.Parameter(torch.zeros(count_matrices))
 
@@ -427,7 +315,7 @@ class ConditionalConvexTriangularLinear(ConditionalFlow):
         hidden_dims: Sequence[int] | None = None,
     ):
         count_matrices = _check_count_matrices(count_matrices)
-        shapes = [(count_matrices, _count_off_diagonal(input_dim)), (count_matrices,)]
+        shapes = [(count_matrices, count_off_diagonal(input_dim)), (count_matrices,)]
         super().__init__(input_dim, context_dim, shapes, hidden_dims)
         self.count_matrices = count_matrices
 
@@ -468,7 +356,7 @@ def conditional_convex_triangular_linear(
 
 
 class LULinear(FlowTransform, TransformModule):
-    r"""A learnable invertible affine map in LU form (Glow [5]),
+    r"""A learnable invertible affine map in LU form (Glow [3]),
 
     .. math:: y = P L U x + b, \qquad \log|\det| = \sum_i \log u_{ii},
 
@@ -480,7 +368,7 @@ class LULinear(FlowTransform, TransformModule):
     def __init__(self, input_dim: int, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_input_dim(input_dim)
-        off = _count_off_diagonal(input_dim)
+        off = count_off_diagonal(input_dim)
         self.lower_entries = nn.Parameter(torch.zeros(off))
         self.upper_entries = nn.Parameter(torch.zeros(off))
         self.log_diagonal = nn.Parameter(torch.zeros(input_dim))
@@ -491,8 +379,8 @@ class LULinear(FlowTransform, TransformModule):
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.input_dim
-        lower = _fill_triangle(self.lower_entries, size, -1, self.lower_entries.new_ones(()))
-        upper = _fill_triangle(self.upper_entries, size, 1, self.log_diagonal.exp())
+        lower = fill_triangle(self.lower_entries, size, -1, self.lower_entries.new_ones(()))
+        upper = fill_triangle(self.upper_entries, size, 1, self.log_diagonal.exp())
         return lower, upper
 
     def matrix(self) -> torch.Tensor:
@@ -501,24 +389,24 @@ class LULinear(FlowTransform, TransformModule):
         return (lower @ upper)[self.permutation]
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return _matvec(self.matrix(), x) + self.bias
+        return matvec(self.matrix(), x) + self.bias
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         lower, upper = self._factors()
         z = (y - self.bias)[..., self.inverse_permutation]
-        z = _triangular_solve(lower, z, upper=False, unitriangular=True)
-        return _triangular_solve(upper, z, upper=True)
+        z = triangular_solve(lower, z, upper=False, unitriangular=True)
+        return triangular_solve(upper, z, upper=True)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.log_diagonal.sum().to(x.dtype).expand(x.shape[:-1])
 
 
 class QRLinear(FlowTransform, TransformModule):
-    r"""A learnable invertible affine map in QR form (Hoogeboom et al. [6]),
+    r"""A learnable invertible affine map in QR form (Hoogeboom et al. [4]),
 
     .. math:: y = Q R x + b, \qquad \log|\det| = \sum_i \log r_{ii},
 
-    with :math:`Q = H_K \cdots H_1` a product of ``count_reflections``
+    with :math:`Q = H_K \cdots H_1` a product of ``count_transforms``
     Householder reflections (applied by :func:`reflect`, the machinery of
     :class:`Householder`) and :math:`R` upper triangular with diagonal
     :math:`r_{ii} = e^{s_i} > 0`. With :math:`K = D` (the default) :math:`Q`
@@ -526,32 +414,32 @@ class QRLinear(FlowTransform, TransformModule):
     Inverse: :math:`Q^\top` then a triangular solve, :math:`O(D^2)` per point.
     """
 
-    def __init__(self, input_dim: int, count_reflections: int | None = None, cache_size: int = 1):
+    def __init__(self, input_dim: int, count_transforms: int | None = None, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_input_dim(input_dim)
-        count = input_dim if count_reflections is None else check_count("count_reflections", count_reflections)
+        count = input_dim if count_transforms is None else check_count("count_transforms", count_transforms)
         bound = 1.0 / math.sqrt(input_dim)
         self.vectors = nn.Parameter(torch.empty(count, input_dim).uniform_(-bound, bound))
-        self.upper_entries = nn.Parameter(torch.zeros(_count_off_diagonal(input_dim)))
+        self.upper_entries = nn.Parameter(torch.zeros(count_off_diagonal(input_dim)))
         self.log_diagonal = nn.Parameter(torch.zeros(input_dim))
         self.bias = nn.Parameter(torch.zeros(input_dim))
 
     def upper(self) -> torch.Tensor:
         """The matrix :math:`R`."""
-        return _fill_triangle(self.upper_entries, self.input_dim, 1, self.log_diagonal.exp())
+        return fill_triangle(self.upper_entries, self.input_dim, 1, self.log_diagonal.exp())
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return reflect(_matvec(self.upper(), x), self.vectors) + self.bias
+        return reflect(matvec(self.upper(), x), self.vectors) + self.bias
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         z = reflect(y - self.bias, self.vectors, inverse=True)
-        return _triangular_solve(self.upper(), z, upper=True)
+        return triangular_solve(self.upper(), z, upper=True)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.log_diagonal.sum().to(x.dtype).expand(x.shape[:-1])
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, count_reflections={self.vectors.shape[0]}"
+        return f"input_dim={self.input_dim}, count_transforms={self.vectors.shape[0]}"
 
 
 def lu_linear(input_dim: int) -> LULinear:
@@ -559,7 +447,7 @@ def lu_linear(input_dim: int) -> LULinear:
     return LULinear(input_dim)
 
 
-def qr_linear(input_dim: int, count_reflections: int | None = None) -> QRLinear:
+def qr_linear(input_dim: int, count_transforms: int | None = None) -> QRLinear:
     """A learnable invertible affine map ``Q R x + b``; ``Q`` a product of
-    ``count_reflections`` (default ``input_dim``) reflections."""
-    return QRLinear(input_dim, count_reflections)
+    ``count_transforms`` (default ``input_dim``) reflections."""
+    return QRLinear(input_dim, count_transforms)

@@ -40,7 +40,7 @@ from pyro import poutine
 from torch import nn
 
 from pyro_nflows.saving import read_model, write_model
-from pyro_nflows.validation import check_count, check_event
+from pyro_nflows.validation import check_count, check_event, check_rows
 from pyro_nflows.vae.networks import Decoder, Encoder
 from pyro_nflows.vae.posteriors import ConditionedPosterior, build_posterior
 
@@ -179,15 +179,7 @@ class VAE(nn.Module):
         """``data`` as a float tensor of shape ``(n, x_dim)``, or ``ValueError``
         naming the fault: wrong shape, NaN or infinite rows (listed), values
         outside ``[0, 1]`` for a Bernoulli likelihood."""
-        tensor = torch.as_tensor(data)
-        if not tensor.is_floating_point():
-            tensor = tensor.to(self.decoder.out.weight.dtype)
-        if tensor.dim() != 2 or tensor.shape[1] != self.x_dim or len(tensor) == 0:
-            raise ValueError(f"{name} must have shape (n, {self.x_dim}) with n >= 1, got {tuple(tensor.shape)}")
-        bad = ~torch.isfinite(tensor).all(1)
-        if bad.any():
-            rows = torch.nonzero(bad).flatten().tolist()
-            raise ValueError(f"{name} holds NaN or infinite values in {len(rows)} rows (first rows: {rows[:10]})")
+        tensor = check_rows(data, name, columns=self.x_dim, dtype=self.decoder.out.weight.dtype)
         if self.config["likelihood"] == "bernoulli":
             outside = ((tensor < 0) | (tensor > 1)).any(1)
             if outside.any():

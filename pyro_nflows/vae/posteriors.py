@@ -15,28 +15,29 @@ so they have the batch shape of :math:`x`.
 A posterior is named by a spec string, ``name`` or ``name:N(key=value, ...)``
 (the syntax of :mod:`pyro_nflows.registry`):
 
-=============================  ==================================================================
-spec                           :math:`q(z \mid x)`
-=============================  ==================================================================
-``gaussian``                   :math:`\mathcal N(\mu, \operatorname{diag}\sigma^2)`, no flow
-``householder:T``              :math:`T` Householder reflections [1]; :math:`v_1 = W_1 h + b_1`,
-                               :math:`v_{t+1} = W_{t+1} v_t + b_{t+1}` (the paper's chain)
-``convex_triangular:K``        ccLinIAF [2]: :math:`z = (\sum_k w_k L_k) z_0`, the :math:`K`
-                               unit lower triangular :math:`L_k` and the logits of :math:`w`
-                               linear in :math:`h`
-``iaf:K``                      :math:`K` IAF steps [3] with the stable gated update
-                               :math:`\sigma z + (1 - \sigma) m`; each MADE reads :math:`h` too
-                               (its first layer), orderings alternate natural / reversed
-``sylvester:K(kind=...)``      :math:`K` Sylvester flows [4], ``kind`` ``orthogonal`` (default),
-                               ``householder`` or ``triangular`` (alternating the reversal
-                               permutation); :math:`Q, R, \tilde R, b` linear in :math:`h`
-``planar:K``                   :math:`K` planar flows [5]; :math:`u, w, b` linear in :math:`h`
-=============================  ==================================================================
+==================================  ==================================================================
+spec                                :math:`q(z \mid x)`
+==================================  ==================================================================
+``gaussian``                        :math:`\mathcal N(\mu, \operatorname{diag}\sigma^2)`, no flow
+``householder:T``                   :math:`T` Householder reflections [1]; :math:`v_1 = W_1 h + b_1`,
+                                    :math:`v_{t+1} = W_{t+1} v_t + b_{t+1}` (the paper's chain)
+``convex_triangular_linear:K``      ccLinIAF [2]: :math:`z = (\sum_k w_k L_k) z_0`, the :math:`K`
+                                    unit lower triangular :math:`L_k` and the logits of :math:`w`
+                                    linear in :math:`h`
+``iaf:K``                           :math:`K` IAF steps [3] with the stable gated update
+                                    :math:`\sigma z + (1 - \sigma) m`; each MADE reads :math:`h` too
+                                    (its first layer), orderings alternate natural / reversed
+``sylvester:K(kind=...)``           :math:`K` Sylvester flows [4], ``kind`` ``orthogonal`` (default),
+                                    ``householder`` or ``triangular`` (alternating the reversal
+                                    permutation); :math:`Q, R, \tilde R, b` linear in :math:`h`
+``planar:K``                        :math:`K` planar flows [5]; :math:`u, w, b` linear in :math:`h`
+==================================  ==================================================================
 
 ``N`` may be left out: one layer (``householder``: one reflection;
-``convex_triangular``: 3 matrices). Options are those of the family's
+``convex_triangular_linear``: 3 matrices). The registry's aliases work here
+too (``convex_triangular:K``, ``ccliniaf:K``). Options are those of the family's
 conditional helper in :mod:`pyro_nflows.transforms` (``available_posteriors()``
-lists them), e.g. ``"sylvester:4(kind='householder', num_householder=8)"``,
+lists them), e.g. ``"sylvester:4(kind='householder', count_transforms=8)"``,
 ``"iaf:2(hidden_dims=(320, 320))"``, ``"planar:8(hidden_dims=(100,))"``. By
 default every parameter network is a linear map from :math:`h`, as in the
 papers; IAF's MADE has two hidden layers of ``max(64, 4 * z_dim)`` units.
@@ -71,8 +72,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_nflows.registry import build_flow, parse_spec
-from pyro_nflows.transforms.autoregressive import default_made_hidden_dims
+from pyro_nflows.registry import build_flow, canonical_name, parse_spec
+from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.transforms.linear import ConditionedHouseholder
 from pyro_nflows.validation import check_count
 
@@ -91,34 +92,37 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PosteriorFamily:
-    """A posterior family: what ``N`` counts, the registry flow that builds it
-    (``None``: built here), and a one-line summary."""
+    """A posterior family: its name (a registry flow's name, or ``"gaussian"``)
+    and a one-line summary."""
 
     name: str
     summary: str
-    flow: str | None = None
 
 
 POSTERIORS: dict[str, PosteriorFamily] = {
     family.name: family
     for family in [
         PosteriorFamily("gaussian", "diagonal Gaussian, no flow (the plain VAE)"),
-        PosteriorFamily("householder", "householder:T - T reflections, v_1 from h, v_{t+1} from v_t (Tomczak & Welling 2016)", "householder"),
-        PosteriorFamily("convex_triangular", "convex_triangular:K - ccLinIAF with K matrices (Tomczak & Welling 2017)", "convex_triangular_linear"),
-        PosteriorFamily("iaf", "iaf:K - K gated IAF steps reading h (Kingma et al. 2016)", "iaf"),
-        PosteriorFamily("sylvester", "sylvester:K(kind=orthogonal|householder|triangular) - K Sylvester flows (van den Berg et al. 2018)", "sylvester"),
-        PosteriorFamily("planar", "planar:K - K planar flows (Rezende & Mohamed 2015)", "planar"),
+        PosteriorFamily("householder", "householder:T - T reflections, v_1 from h, v_{t+1} from v_t (Tomczak & Welling 2016)"),
+        PosteriorFamily(
+            "convex_triangular_linear",
+            "convex_triangular_linear:K (or ccliniaf:K) - ccLinIAF with K matrices (Tomczak & Welling 2017)",
+        ),
+        PosteriorFamily("iaf", "iaf:K - K gated IAF steps reading h (Kingma et al. 2016)"),
+        PosteriorFamily(
+            "sylvester",
+            "sylvester:K(kind=orthogonal|householder|triangular) - K Sylvester flows (van den Berg et al. 2018)",
+        ),
+        PosteriorFamily("planar", "planar:K - K planar flows (Rezende & Mohamed 2015)"),
     ]
 }
-
-ALIASES = {"convex_triangular_linear": "convex_triangular", "ccliniaf": "convex_triangular"}
 
 _NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def available_posteriors() -> str:
     """One line per posterior family: its spec and summary."""
-    return "\n".join(f"{family.name:<18} {family.summary}" for family in POSTERIORS.values())
+    return "\n".join(f"{family.name:<26} {family.summary}" for family in POSTERIORS.values())
 
 
 def _unknown(what: str) -> ValueError:
@@ -127,7 +131,8 @@ def _unknown(what: str) -> ValueError:
 
 def parse_posterior(spec: str) -> tuple[str, int | None, dict[str, Any]]:
     """``(family, N or None, options)`` of a posterior spec; ``ValueError`` for
-    an unknown family, bad syntax or a combination of families.
+    an unknown family, bad syntax or a combination of families. Families go
+    by their registry names (aliases such as ``ccliniaf`` are the registry's).
 
     >>> parse_posterior("sylvester:4(kind='triangular')")
     ('sylvester', 4, {'kind': 'triangular'})
@@ -138,7 +143,7 @@ def parse_posterior(spec: str) -> tuple[str, int | None, dict[str, Any]]:
     if match is None:
         raise _unknown(f"cannot parse the posterior spec {spec!r}")
     written = match[1]
-    name = ALIASES.get(written, written)
+    name = canonical_name(written)
     if name not in POSTERIORS:
         raise _unknown(f"unknown posterior {written!r}")
     if "+" in spec:
@@ -148,7 +153,7 @@ def parse_posterior(spec: str) -> tuple[str, int | None, dict[str, Any]]:
         if rest:
             raise ValueError(f"the 'gaussian' posterior takes no count or options, got {spec!r}")
         return name, None, {}
-    [(_, count, options)] = parse_spec(POSTERIORS[name].flow + rest)
+    [(_, count, options)] = parse_spec(name + rest)
     return name, count, options
 
 
@@ -214,13 +219,8 @@ class HouseholderChain(AmortizedFlow):
 def _defaults(name: str, z_dim: int) -> dict[str, Any]:
     """Options the papers use where the package's helpers default otherwise."""
     if name == "iaf":
-        return {"hidden_dims": default_made_hidden_dims(z_dim), "stable": True}
+        return {"hidden_dims": default_hidden_dims(z_dim, network="made"), "stable": True}
     return {"hidden_dims": ()}  # the parameters are linear in h
-
-
-def _spec(flow: str, count: int | None, options: dict[str, Any]) -> str:
-    text = ", ".join(f"{key}={value!r}" for key, value in options.items())
-    return f"{flow}{'' if count is None else f':{count}'}({text})"
 
 
 def build_posterior(spec: str, z_dim: int, context_dim: int) -> AmortizedFlow:
@@ -240,8 +240,8 @@ def build_posterior(spec: str, z_dim: int, context_dim: int) -> AmortizedFlow:
         if options:
             raise ValueError(f"the 'householder' posterior takes no options, got {sorted(options)} in {spec!r}")
         return HouseholderChain(z_dim, context_dim, 1 if count is None else count)
-    options = {**_defaults(name, z_dim), **options}
-    return ConditionalStack(z_dim, context_dim, build_flow(_spec(POSTERIORS[name].flow, count, options), z_dim, context_dim))
+    layers = build_flow(spec, z_dim, context_dim, defaults=_defaults(name, z_dim))
+    return ConditionalStack(z_dim, context_dim, layers)
 
 
 class ConditionedPosterior:

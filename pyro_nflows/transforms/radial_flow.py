@@ -59,8 +59,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
-from pyro_nflows.transforms.planar import require_finite
-from pyro_nflows.validation import check_input_dim
+from pyro_nflows.validation import check_finite, check_input_dim
 
 __all__ = [
     "ConditionalRadial",
@@ -87,7 +86,7 @@ class ConditionedRadial(FlowTransform):
 
     a bijection of :math:`\mathbb{R}^D` (:math:`\beta > -\alpha`) with a
     closed-form inverse valid for any finite point. See
-    :mod:`pyro_nflows.transforms.radial` for the formulas.
+    :mod:`pyro_nflows.transforms.radial_flow` for the formulas.
 
     :param input_dim: the event size :math:`D`.
     :param x0: the centre :math:`x_0`, shape ``(..., D)``, or a callable returning it.
@@ -119,9 +118,9 @@ class ConditionedRadial(FlowTransform):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         who = f"{type(self).__name__} inverse"
-        require_finite(y, who)
+        check_finite(y, who)
         x0, alpha, gamma = self.constrained_parameters()
-        require_finite(x0, who, "parameter x0")
+        check_finite(x0, who, "parameter x0")
         diff = y - x0
         rho = _norm(diff)
         p = gamma - rho
@@ -161,7 +160,7 @@ class Radial(ConditionedRadial, TransformModule):
         >>> flow.log_prob(torch.tensor([[3.0, -1.0]])).shape  # data it did not sample
         torch.Size([1])
 
-    Reference: [1] in :mod:`pyro_nflows.transforms.radial` (arXiv:1505.05770).
+    Reference: [1] in :mod:`pyro_nflows.transforms.radial_flow` (arXiv:1505.05770).
     """
 
     def __init__(self, input_dim: int, cache_size: int = 1):

@@ -24,13 +24,13 @@ factor is positive and the map is a bijection of :math:`\mathbb{R}^D`.
 
 Three ways to get :math:`Q` (``kind``):
 
-- ``"orthogonal"``: :math:`M` = ``num_ortho_vectors`` :math:`\le D` columns,
+- ``"orthogonal"``: :math:`M` = ``count_ortho_vectors`` :math:`\le D` columns,
   from a free :math:`D \times M` matrix made orthonormal (to rounding level)
   by the iteration :math:`Q \leftarrow Q(I + \tfrac12(I - Q^\top Q))` [1, 2]
   (:func:`orthogonalise`).
-- ``"householder"``: :math:`Q = H_K \cdots H_1`, ``num_householder``
+- ``"householder"``: :math:`Q = H_K \cdots H_1`, ``count_transforms``
   reflections [3], :math:`M = D`, applied by
-  :func:`~pyro_nflows.transforms.linear.reflect` without forming :math:`Q`.
+  :func:`~pyro_nflows.transforms.matrices.reflect` without forming :math:`Q`.
 - ``"triangular"``: :math:`Q` the identity, or the reversal permutation with
   ``reverse=True``, :math:`M = D`; a stack alternates the two (the registry
   does so for ``"sylvester:N(kind=triangular)"``), so that the triangular
@@ -100,16 +100,16 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
-from pyro_nflows.transforms.linear import _count_off_diagonal, _fill_triangle, _matvec, reflect
+from pyro_nflows.transforms.matrices import count_off_diagonal, fill_triangle, matvec, reflect
 from pyro_nflows.transforms.roots import monotone_root
-from pyro_nflows.validation import check_bool, check_count, check_input_dim
+from pyro_nflows.validation import check_bool, check_count, check_finite, check_input_dim
 
 __all__ = [
     "KINDS",
@@ -118,7 +118,6 @@ __all__ = [
     "OrthogonalisationNotConverged",
     "Sylvester",
     "conditional_sylvester",
-    "layer_options",
     "orthogonalise",
     "sylvester",
 ]
@@ -196,7 +195,7 @@ def orthogonalise(matrix: torch.Tensor, max_iterations: int = 100) -> torch.Tens
 
 
 def _check_options(
-    input_dim: int, kind: str, num_ortho_vectors: int | None, num_householder: int | None, reverse: bool
+    input_dim: int, kind: str, count_ortho_vectors: int | None, count_transforms: int | None, reverse: bool
 ) -> tuple[int, int | None]:
     """Validate the hyper-parameters; return ``(M, K)``: hidden units and reflections (or None)."""
     input_dim = check_input_dim(input_dim)
@@ -207,22 +206,22 @@ def _check_options(
         raise ValueError(
             f"reverse=True applies only to kind='triangular' (Q the reversal permutation), not kind={kind!r}"
         )
-    if num_ortho_vectors is not None and kind != "orthogonal":
-        raise ValueError(f"num_ortho_vectors applies only to kind='orthogonal', not kind={kind!r}")
-    if num_householder is not None and kind != "householder":
-        raise ValueError(f"num_householder applies only to kind='householder', not kind={kind!r}")
+    if count_ortho_vectors is not None and kind != "orthogonal":
+        raise ValueError(f"count_ortho_vectors applies only to kind='orthogonal', not kind={kind!r}")
+    if count_transforms is not None and kind != "householder":
+        raise ValueError(f"count_transforms applies only to kind='householder', not kind={kind!r}")
     if kind == "orthogonal":
-        if num_ortho_vectors is None:
+        if count_ortho_vectors is None:
             return (input_dim + 1) // 2, None
-        if isinstance(num_ortho_vectors, bool) or not isinstance(num_ortho_vectors, int) or not (
-            1 <= num_ortho_vectors <= input_dim
+        if isinstance(count_ortho_vectors, bool) or not isinstance(count_ortho_vectors, int) or not (
+            1 <= count_ortho_vectors <= input_dim
         ):
             raise ValueError(
-                f"num_ortho_vectors must be an integer in 1..input_dim = 1..{input_dim}, got {num_ortho_vectors!r}"
+                f"count_ortho_vectors must be an integer in 1..input_dim = 1..{input_dim}, got {count_ortho_vectors!r}"
             )
-        return num_ortho_vectors, None
+        return count_ortho_vectors, None
     if kind == "householder":
-        count = input_dim if num_householder is None else check_count("num_householder", num_householder)
+        count = input_dim if count_transforms is None else check_count("count_transforms", count_transforms)
         return input_dim, count
     return input_dim, None
 
@@ -242,7 +241,7 @@ class ConditionedSylvester(FlowTransform):
         \quad a = \tilde R Q^\top x + b,
 
     with :math:`R_{ii} = \tanh(\rho_i)`, :math:`\tilde R_{ii} = \tanh(\tilde\rho_i)`.
-    See :mod:`pyro_nflows.transforms.sylvester` for the maths and the inverse
+    See :mod:`pyro_nflows.transforms.sylvester_flow` for the maths and the inverse
     (numerical: back-substitution of :math:`M` increasing scalar equations, then
     one Newton step; float64 round trips at rounding level).
 
@@ -310,15 +309,15 @@ class ConditionedSylvester(FlowTransform):
         r_diagonal = resolve(self.r_diagonal)
         r_tilde_diagonal = resolve(self.r_tilde_diagonal)
         size = r_diagonal.shape[-1]
-        r = _fill_triangle(resolve(self.r_entries), size, 1, torch.tanh(r_diagonal))
-        r_tilde = _fill_triangle(resolve(self.r_tilde_entries), size, 1, torch.tanh(r_tilde_diagonal))
+        r = fill_triangle(resolve(self.r_entries), size, 1, torch.tanh(r_diagonal))
+        r_tilde = fill_triangle(resolve(self.r_tilde_entries), size, 1, torch.tanh(r_tilde_diagonal))
         return r, r_tilde
 
     def _q_maps(self):
         r"""``(project, lift)``: :math:`x \mapsto Q^\top x` and :math:`v \mapsto Q v`, row-wise."""
         if self.kind == "orthogonal":
             q = orthogonalise(resolve(self.q))
-            return (lambda x: _matvec(q.mT, x)), (lambda v: _matvec(q, v))
+            return (lambda x: matvec(q.mT, x)), (lambda v: matvec(q, v))
         if self.kind == "householder":
             vectors = resolve(self.q)
             # reflect(x, V) applies H_K ... H_1 = Q; inverse=True applies Q^T.
@@ -337,8 +336,8 @@ class ConditionedSylvester(FlowTransform):
         # log_abs_det_jacobian from this method).
         project, lift = self._q_maps()
         r, r_tilde = self.upper_factors()
-        pre = _matvec(r_tilde, project(x)) + resolve(self.bias)
-        y = x + lift(_matvec(r, torch.tanh(pre)))
+        pre = matvec(r_tilde, project(x)) + resolve(self.bias)
+        y = x + lift(matvec(r, torch.tanh(pre)))
         diagonal = torch.tanh(resolve(self.r_diagonal)) * torch.tanh(resolve(self.r_tilde_diagonal))
         # Each factor is 1 + (something in (-1, 1)) * (something in (0, 1]) > 0.
         return y, torch.log1p(diagonal * _tanh_derivative(pre)).sum(-1)
@@ -346,8 +345,7 @@ class ConditionedSylvester(FlowTransform):
     # -- inverse ----------------------------------------------------------------
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(y).all()):
-            raise ValueError(f"{type(self).__name__} cannot invert non-finite values (the input has inf or nan)")
+        check_finite(y, f"{type(self).__name__} inverse")
         project, lift = self._q_maps()
         r, r_tilde = self.upper_factors()
         bias = resolve(self.bias)
@@ -356,10 +354,10 @@ class ConditionedSylvester(FlowTransform):
         # One Newton step on F(z) = z + R tanh(R~ z + b) - w with autograd on:
         # at the root it changes z by rounding only, and its derivative is the
         # implicit-function-theorem one, dz = -J^{-1} dF (z0 carries no graph).
-        pre = _matvec(r_tilde, z0) + bias
-        residual = z0 + _matvec(r, torch.tanh(pre)) - w
+        pre = matvec(r_tilde, z0) + bias
+        residual = z0 + matvec(r, torch.tanh(pre)) - w
         z = z0 - _newton_step(residual, r, r_tilde, _tanh_derivative(pre))
-        return y - lift(_matvec(r, torch.tanh(_matvec(r_tilde, z) + bias)))
+        return y - lift(matvec(r, torch.tanh(matvec(r_tilde, z) + bias)))
 
     def extra_repr(self) -> str:
         extra = f", reverse={self.reverse}" if self.kind == "triangular" else ""
@@ -439,8 +437,8 @@ class Sylvester(ConditionedSylvester, TransformModule):
     .. math:: y = x + Q R \tanh(\tilde R Q^\top x + b),
 
     with :math:`Q` orthonormal columns (``kind="orthogonal"``, ``M =
-    num_ortho_vectors``, default :math:`\lceil D/2 \rceil`), a product of
-    ``num_householder`` reflections (``kind="householder"``, default
+    count_ortho_vectors``, default :math:`\lceil D/2 \rceil`), a product of
+    ``count_transforms`` reflections (``kind="householder"``, default
     :math:`D`), or the identity / reversal permutation (``kind="triangular"``,
     ``reverse``); :math:`R, \tilde R` upper triangular with diagonals in
     :math:`(-1, 1)`. Exact log-determinant; numerical inverse (see the module
@@ -466,12 +464,12 @@ class Sylvester(ConditionedSylvester, TransformModule):
         self,
         input_dim: int,
         kind: str = "orthogonal",
-        num_ortho_vectors: int | None = None,
-        num_householder: int | None = None,
+        count_ortho_vectors: int | None = None,
+        count_transforms: int | None = None,
         reverse: bool = False,
         cache_size: int = 1,
     ):
-        size, count = _check_options(input_dim, kind, num_ortho_vectors, num_householder, reverse)
+        size, count = _check_options(input_dim, kind, count_ortho_vectors, count_transforms, reverse)
         super().__init__(input_dim, kind, reverse=reverse, cache_size=cache_size)
         if kind == "orthogonal":
             # contiguous: Pyro's param store would otherwise register a copy (never trained)
@@ -479,7 +477,7 @@ class Sylvester(ConditionedSylvester, TransformModule):
         elif kind == "householder":
             bound = 1.0 / math.sqrt(input_dim)
             self.q = nn.Parameter(torch.empty(count, input_dim).uniform_(-bound, bound))
-        off = _count_off_diagonal(size)
+        off = count_off_diagonal(size)
         self.r_entries = nn.Parameter(torch.empty(off).uniform_(-0.1, 0.1))
         self.r_diagonal = nn.Parameter(torch.empty(size).uniform_(-0.1, 0.1))
         self.r_tilde_entries = nn.Parameter(torch.empty(off).uniform_(-0.1, 0.1))
@@ -515,18 +513,18 @@ class ConditionalSylvester(ConditionalFlow):
         input_dim: int,
         context_dim: int,
         kind: str = "orthogonal",
-        num_ortho_vectors: int | None = None,
-        num_householder: int | None = None,
+        count_ortho_vectors: int | None = None,
+        count_transforms: int | None = None,
         reverse: bool = False,
         hidden_dims: Sequence[int] | None = None,
     ):
-        size, count = _check_options(input_dim, kind, num_ortho_vectors, num_householder, reverse)
+        size, count = _check_options(input_dim, kind, count_ortho_vectors, count_transforms, reverse)
         shapes = []
         if kind == "orthogonal":
             shapes.append((input_dim, size))
         elif kind == "householder":
             shapes.append((count, input_dim))
-        off = _count_off_diagonal(size)
+        off = count_off_diagonal(size)
         shapes += [(off,), (size,), (off,), (size,), (size,)]
         super().__init__(input_dim, context_dim, shapes, hidden_dims)
         self.kind = kind
@@ -560,37 +558,27 @@ class ConditionalSylvester(ConditionalFlow):
 def sylvester(
     input_dim: int,
     kind: str = "orthogonal",
-    num_ortho_vectors: int | None = None,
-    num_householder: int | None = None,
+    count_ortho_vectors: int | None = None,
+    count_transforms: int | None = None,
     reverse: bool = False,
 ) -> Sylvester:
     """A learnable Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``; ``kind`` is
-    ``"orthogonal"`` (``num_ortho_vectors`` columns, default ceil(D/2)),
-    ``"householder"`` (``num_householder`` reflections, default D) or
+    ``"orthogonal"`` (``count_ortho_vectors`` columns, default ceil(D/2)),
+    ``"householder"`` (``count_transforms`` reflections, default D) or
     ``"triangular"`` (``reverse`` picks the reversal permutation)."""
-    return Sylvester(input_dim, kind, num_ortho_vectors, num_householder, reverse)
+    return Sylvester(input_dim, kind, count_ortho_vectors, count_transforms, reverse)
 
 
 def conditional_sylvester(
     input_dim: int,
     context_dim: int,
     kind: str = "orthogonal",
-    num_ortho_vectors: int | None = None,
-    num_householder: int | None = None,
+    count_ortho_vectors: int | None = None,
+    count_transforms: int | None = None,
     reverse: bool = False,
     hidden_dims: Sequence[int] | None = None,
 ) -> ConditionalSylvester:
     """A Sylvester flow whose parameters an MLP computes from a context."""
     return ConditionalSylvester(
-        input_dim, context_dim, kind, num_ortho_vectors, num_householder, reverse, hidden_dims
+        input_dim, context_dim, kind, count_ortho_vectors, count_transforms, reverse, hidden_dims
     )
-
-
-def layer_options(index: int, options: dict[str, Any]) -> dict[str, Any]:
-    """Per-layer options for a stack of Sylvester layers (the registry's
-    ``per_layer``): ``kind="triangular"`` layers alternate between the identity
-    and the reversal permutation, starting from ``reverse`` (default False), so
-    that successive layers' triangular Jacobians point different ways."""
-    if options.get("kind") != "triangular":
-        return options
-    return {**options, "reverse": bool(options.get("reverse", False)) ^ (index % 2 == 1)}

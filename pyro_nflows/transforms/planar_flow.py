@@ -91,7 +91,7 @@ from torch import nn
 
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
 from pyro_nflows.transforms.roots import monotone_root
-from pyro_nflows.validation import check_input_dim
+from pyro_nflows.validation import check_finite, check_input_dim
 
 __all__ = [
     "ConditionalPlanar",
@@ -101,17 +101,6 @@ __all__ = [
     "planar",
     "planar_parameters",
 ]
-
-
-def require_finite(value: torch.Tensor, who: str, what: str = "input") -> None:
-    """Raise ``ValueError`` unless every entry of ``value`` is finite."""
-    finite = torch.isfinite(value)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(
-            f"{who} got a non-finite {what} ({bad} of {value.numel()} entries are NaN or inf); "
-            "the inverse is defined only for finite points"
-        )
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -157,7 +146,7 @@ class ConditionedPlanar(FlowTransform):
     Newton (typically 3-7 iterations in float64, at most 100, else
     :class:`~pyro_nflows.transforms.roots.InverseNotConverged`) and works for
     any finite point: the map is onto :math:`\mathbb{R}^D`. See
-    :mod:`pyro_nflows.transforms.planar` for the derivation.
+    :mod:`pyro_nflows.transforms.planar_flow` for the derivation.
 
     :param input_dim: the event size :math:`D`.
     :param u: free parameter :math:`u`, shape ``(..., D)``, or a callable returning it.
@@ -192,10 +181,10 @@ class ConditionedPlanar(FlowTransform):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         who = f"{type(self).__name__} inverse"
-        require_finite(y, who)
+        check_finite(y, who)
         u_hat, w, bias, margin = self.constrained_parameters()
         for name, value in (("u_hat", u_hat), ("w", w), ("bias", bias)):
-            require_finite(value, who, f"parameter {name}")
+            check_finite(value, who, f"parameter {name}")
         scale = margin - 1  # w^T u_hat
         target = _dot(w, y)
 
@@ -255,7 +244,7 @@ class Planar(ConditionedPlanar, TransformModule):
         >>> flow.log_prob(torch.tensor([[3.0, -1.0]])).shape  # data it did not sample
         torch.Size([1])
 
-    Reference: [1] in :mod:`pyro_nflows.transforms.planar` (arXiv:1505.05770).
+    Reference: [1] in :mod:`pyro_nflows.transforms.planar_flow` (arXiv:1505.05770).
     """
 
     def __init__(self, input_dim: int, cache_size: int = 1):
