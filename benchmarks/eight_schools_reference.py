@@ -21,14 +21,16 @@ funnel between :math:`\tau` and :math:`\theta` and is biased there, so the
 chains run on the *non-centered* one, :math:`\tilde\theta_j \sim N(0, 1)`,
 :math:`\theta_j = \mu + \tau \tilde\theta_j`: the same joint distribution of
 :math:`(\mu, \tau, \theta)`, hence the same posterior, without divergences.
+Both models and the data live in :mod:`pyro_nflows.models`
+(``eight_schools``, ``eight_schools_noncentered``, ``eight_schools_data``).
 Chains run one after the other (chain :math:`c` seeded ``seed + c``), each
 with its own step-size and diagonal mass-matrix adaptation. The file holds
 posterior means and standard deviations of :math:`\mu`, :math:`\tau`,
 :math:`\log\tau` and :math:`\theta_j`, the Monte Carlo standard error of each
 mean (:math:`\mathrm{sd}/\sqrt{\mathrm{ESS}}`, effective sample size across
 chains), split :math:`\hat R`, the number of divergences, and the versions,
-seed and settings that produced it. It depends on Pyro only, not on this
-package.
+seed and settings that produced it. It uses no flow of this package: only
+Pyro's NUTS and the models of :mod:`pyro_nflows.models`.
 
 References:
 
@@ -43,51 +45,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
-import pyro
-import pyro.distributions as dist
-import torch
-from pyro.infer import MCMC, NUTS
-from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+# Use the checkout this file lives in, installed or not.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
-Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
-SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
-OUTPUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "eight_schools_nuts.json")
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import MCMC, NUTS  # noqa: E402
+from pyro.ops.stats import effective_sample_size, split_gelman_rubin  # noqa: E402
 
+from pyro_nflows.models import (  # noqa: E402
+    EIGHT_SCHOOLS_SIGMA,
+    EIGHT_SCHOOLS_Y,
+    eight_schools_data,
+    eight_schools_noncentered,
+)
 
-def data() -> tuple[torch.Tensor, torch.Tensor]:
-    """The observed effects ``y`` and their standard errors ``sigma`` (float64)."""
-    return torch.tensor(Y, dtype=torch.float64), torch.tensor(SIGMA, dtype=torch.float64)
-
-
-def centered(y: torch.Tensor, sigma: torch.Tensor) -> None:
-    """The centered eight schools model (the one the autoguides are fitted to)."""
-    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
-    with pyro.plate("schools", len(y)):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
-
-
-def non_centered(y: torch.Tensor, sigma: torch.Tensor) -> None:
-    """The same joint distribution of (mu, tau, theta), with theta = mu + tau * theta_tilde."""
-    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
-    with pyro.plate("schools", len(y)):
-        theta_tilde = pyro.sample("theta_tilde", dist.Normal(y.new_tensor(0.0), 1.0))
-        theta = pyro.deterministic("theta", mu + tau * theta_tilde)
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+OUTPUT = os.path.join(_ROOT, "tests", "data", "eight_schools_nuts.json")
 
 
 def run_chains(num_chains: int, warmup: int, samples: int, seed: int) -> tuple[dict[str, torch.Tensor], int]:
     """Draws of mu, tau, theta, shape (chains, samples, ...), and the divergence count."""
-    y, sigma = data()
+    y, sigma = eight_schools_data()
     draws: dict[str, list[torch.Tensor]] = {"mu": [], "tau": [], "theta": []}
     divergences = 0
     for chain in range(num_chains):
         pyro.set_rng_seed(seed + chain)
-        kernel = NUTS(non_centered, target_accept_prob=0.9, jit_compile=True, ignore_jit_warnings=True)
+        kernel = NUTS(eight_schools_noncentered, target_accept_prob=0.9, jit_compile=True, ignore_jit_warnings=True)
         mcmc = MCMC(kernel, num_samples=samples, warmup_steps=warmup, num_chains=1, disable_progbar=True)
         mcmc.run(y, sigma)
         chain_draws = mcmc.get_samples()
@@ -144,8 +132,8 @@ def main(argv=None) -> None:
             "posterior over (mu, tau, theta) and no divergences. mcse = sd / sqrt(ess), ess across chains. "
             "Made by benchmarks/eight_schools_reference.py."
         ),
-        "y": Y,
-        "sigma": SIGMA,
+        "y": list(EIGHT_SCHOOLS_Y),
+        "sigma": list(EIGHT_SCHOOLS_SIGMA),
         **summarise(draws),
         "divergences": divergences,
         "num_chains": args.chains,

@@ -24,6 +24,8 @@ guide's sd of :math:`\log\tau` to the reference's (reverse-KL guides tend to
 shrink it), against the NUTS moments stored in
 ``tests/data/eight_schools_nuts.json``.
 
+The two models are ``funnel`` and ``eight_schools`` of :mod:`pyro_nflows.models`.
+
 **Training**, identical for every guide: ``--steps`` (funnel) and
 ``--schools-steps`` SVI steps of ``Trace_ELBO`` with ``--particles``
 vectorised particles, Pyro's ``ClippedAdam`` at ``--lr`` decaying
@@ -59,7 +61,6 @@ if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import pyro  # noqa: E402
-import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal  # noqa: E402
@@ -67,7 +68,6 @@ from pyro.infer.importance import vectorized_importance_weights  # noqa: E402
 
 from benchmarks.common import library_versions  # noqa: E402
 from benchmarks.eight_schools_reference import OUTPUT as REFERENCE  # noqa: E402
-from benchmarks.eight_schools_reference import centered as eight_schools  # noqa: E402
 from pyro_nflows.autoguides import (  # noqa: E402
     AutoConvexTriangular,
     AutoFlow,
@@ -76,16 +76,10 @@ from pyro_nflows.autoguides import (  # noqa: E402
     AutoPlanar,
     AutoSylvester,
 )
+from pyro_nflows.models import eight_schools, funnel  # noqa: E402
 
 TARGET_ELBO = -0.10
 TARGET_SD_Y = 0.10  # relative error of sd(y) against 3
-
-
-def funnel() -> None:
-    """Neal's funnel in 10 dimensions, written so that particles vectorise."""
-    y = pyro.sample("y", dist.Normal(0.0, 3.0))
-    scale = torch.exp(y / 2).unsqueeze(-1).expand(y.shape + (9,))
-    pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ in :mod:`pyro_nflows.autoguides`, VAEs with flow posteriors in
 and the built-in data in :mod:`pyro_nflows.datasets`.
 """
 
-from pyro_nflows import autoguides, datasets, density, transforms, vae
+from pyro_nflows import autoguides, datasets, density, models, transforms, vae
 from pyro_nflows.registry import available_flows, build_flow
 
 __version__ = "0.1.0"
 
-__all__ = ["autoguides", "available_flows", "build_flow", "datasets", "density", "transforms", "vae", "__version__"]
+__all__ = [
+    "autoguides", "available_flows", "build_flow", "datasets", "density", "models", "transforms", "vae", "__version__"
+]

@@ -3,30 +3,39 @@
 :func:`check_transform` takes a zero-argument function that builds the
 transform (a :class:`~pyro.distributions.TransformModule`, or a
 :class:`~pyro.distributions.ConditionalTransformModule` when ``context_dim``
-is given) and asserts, in order:
+is given). :func:`_check_declaration` first asserts that the module has
+parameters exactly when ``has_parameters`` says so and is conditional exactly
+when ``context_dim`` is given; then one helper a step asserts, in order:
 
-1. the transform is a vector transform (``event_dim == 1``);
-2. every parameter is moved well off its initialisation (after one batch has
-   passed, so data-dependent initialisations have happened);
-3. shapes and uncached round trips ``inverse(forward(x)) == x`` in float64
-   (absolute tolerance) and float32 (the same scaled by the inverse's
-   conditioning, at least 1), for batch shapes ``()``, ``(3,)``, ``(3, 4)`` and, for
-   conditional transforms, contexts with batches of 1 and 5 that broadcast;
-4. ``log_abs_det_jacobian`` against ``slogdet`` of the autograd Jacobian, in
-   float64, at the moved parameters, also right after the public forward and
-   inverse calls (which may hand a log-det over);
-5. gradients of ``log_prob`` reach every parameter;
-6. a few Adam steps on ``-log_prob`` lower it (the base is anisotropic, so
-   volume-preserving flows can learn too);
-7. ``state_dict`` round trips (directly and through ``torch.save`` /
-   ``torch.load(weights_only=True)``) give the same outputs;
-8. the cache inverts the transform's own output exactly and never returns a
-   stale value after an in-place parameter update;
-9. an input or context of the wrong width raises ``ValueError``;
-10. ``pyro.module`` registers every parameter itself, not a copy (Pyro's
-    param store keeps a contiguous copy of a non-contiguous tensor, which an
-    optimiser would then update while the transform computes with the
-    original).
+1. :func:`_check_vector_transform`: the transform is a bijective vector
+   transform (``event_dim == 1``) whose ``repr`` names it;
+2. :func:`_warm_up_and_move`: every parameter is moved well off its
+   initialisation (after one batch has passed, so data-dependent
+   initialisations have happened);
+3. :func:`_check_round_trips`: shapes and uncached round trips
+   ``inverse(forward(x)) == x`` in float64 (absolute tolerance) and float32
+   (the same scaled by the inverse's conditioning, at least 1), for batch
+   shapes ``()``, ``(3,)``, ``(3, 4)`` and, for conditional transforms,
+   contexts with batches of 1 and 5 that broadcast;
+4. :func:`_check_log_det`: ``log_abs_det_jacobian`` against ``slogdet`` of the
+   autograd Jacobian, in float64, at the moved parameters, also right after the
+   public forward and inverse calls (which may hand a log-det over);
+5. :func:`_check_training`: gradients of ``log_prob`` reach every parameter;
+6. :func:`_check_training`: a few Adam steps on ``-log_prob`` lower it (the
+   base is anisotropic, so volume-preserving flows can learn too);
+7. :func:`_check_state_dict`: ``state_dict`` round trips (directly and through
+   ``torch.save`` / ``torch.load(weights_only=True)``) give the same outputs;
+8. :func:`_check_cache`: the cache inverts the transform's own output exactly
+   and never returns a stale value after an in-place parameter update;
+9. :func:`_check_wrong_widths`: an input or context of the wrong width raises
+   ``ValueError``;
+10. :func:`_check_param_store`: ``pyro.module`` registers every parameter
+    itself, not a copy (Pyro's param store keeps a contiguous copy of a
+    non-contiguous tensor, which an optimiser would then update while the
+    transform computes with the original).
+
+Steps 5 and 6 are left out for a transform without parameters. All random
+inputs come from one generator, in this order.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from torch.distributions.transforms import Transform
 
 BATCH_SHAPES = [(), (3,), (3, 4)]
 # (batch shape of x, batch shape of the context): equal, and broadcasting.
-CONTEXT_BATCH_SHAPES = [((), ()), ((3,), (3,)), ((3, 4), (3, 4)), ((5,), (1,)), ((5,), (5,)), ((3, 5), (5,)), ((3, 5), (1,))]
+CONTEXT_BATCH_SHAPES = [
+    ((), ()), ((3,), (3,)), ((3, 4), (3, 4)), ((5,), (1,)), ((5,), (5,)), ((3, 5), (5,)), ((3, 5), (1,))
+]
 
 
 def _points(shape, input_dim, dtype, generator):
@@ -124,35 +135,71 @@ def check_transform(
     ``has_parameters=False`` declares a transform without learnable
     parameters (a fixed permutation): the check then asserts it has none and
     leaves out the training steps, which have nothing to act on.
+
+    Every random input is drawn from one generator seeded by ``seed``, step
+    after step, so the steps must run in this order.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     module = build()
-    conditional = _is_conditional(module)
+    _check_declaration(module, context_dim, has_parameters)
+    _check_vector_transform(module, input_dim, context_dim, generator)
+    _warm_up_and_move(module, input_dim, context_dim, perturbation, generator)
+    _check_round_trips(module, input_dim, context_dim, round_trip_atol32, round_trip_atol64, generator)
+    _check_log_det(module, input_dim, context_dim, log_det_atol, generator)
+    data, data_context = _training_data(input_dim, context_dim, generator)
+    trained = copy.deepcopy(module)
+    if has_parameters:
+        _check_training(trained, data, data_context, input_dim)
+    x = _points((7,), input_dim, torch.float32, generator)  # steps 7 and 8 use the same points
+    context = _context((7,), context_dim, torch.float32, generator) if context_dim is not None else None
+    _check_state_dict(build, trained, x, context)
+    _check_cache(trained, x, context, has_parameters, perturbation, generator)
+    _check_wrong_widths(trained, input_dim, context_dim, generator)
+    _check_param_store(build())
+
+
+def _check_declaration(module, context_dim, has_parameters) -> None:
+    """The module has parameters exactly when ``has_parameters`` says so, and is
+    conditional exactly when a ``context_dim`` is given."""
     count = sum(p.numel() for p in module.parameters())
     assert (count > 0) == has_parameters, f"expected has_parameters={has_parameters}, found {count} parameters"
-    assert conditional == (context_dim is not None), "pass context_dim exactly for conditional transforms"
+    assert _is_conditional(module) == (context_dim is not None), "pass context_dim exactly for conditional transforms"
 
-    # 1. A vector transform.
+
+def _check_vector_transform(module, input_dim, context_dim, generator) -> None:
+    """Step 1: a bijective vector transform (``event_dim == 1`` both ways) whose
+    ``repr``, and that of its conditioned form, names its class and ``input_dim``."""
+    conditional = _is_conditional(module)
     probe = _plain(module, _context((2,), context_dim, torch.float32, generator) if conditional else None)
     assert probe.domain.event_dim == 1 and probe.codomain.event_dim == 1
     assert probe.bijective
     for shown in (module, probe):  # printing a flow shows what it is, not just its class name
         assert repr(shown).startswith(type(shown).__name__ + "(") and f"input_dim={input_dim}" in repr(shown)
 
-    # 2. One batch through (data-dependent initialisation), then move parameters.
+
+def _warm_up_and_move(module, input_dim, context_dim, perturbation, generator) -> None:
+    """Step 2 (no assertion): one batch through the module, so that data-dependent
+    initialisations have happened, then every parameter moved by ``perturbation``."""
     warm_x = _points((64,), input_dim, torch.float32, generator)
-    warm_c = _context((64,), context_dim, torch.float32, generator) if conditional else None
+    warm_c = _context((64,), context_dim, torch.float32, generator) if _is_conditional(module) else None
     _plain(module, warm_c)(warm_x)
     move_parameters(module, perturbation, generator)
 
-    # 3. Shapes and uncached round trips in both precisions. float64 is held
-    #    to an absolute tolerance. In float32 the rounding of y alone moves the
-    #    inverse by up to |dx/dy| times as much, whatever the implementation, so
-    #    each point is held to atol32 * max(1, ||dx/dy||_inf), the Jacobian of
-    #    the inverse taken in float64: a well-conditioned map gets atol32 itself.
+
+def _check_round_trips(module, input_dim, context_dim, atol32, atol64, generator) -> None:
+    """Step 3: for every batch-shape case, in float32 and float64, the forward
+    keeps shape and dtype and is finite, the uncached ``_inverse`` undoes it, and
+    ``log_abs_det_jacobian`` has shape ``x.shape[:-1]``, x's dtype, and is 0 for a
+    volume-preserving transform.
+
+    float64 is held to an absolute tolerance. In float32 the rounding of y alone
+    moves the inverse by up to |dx/dy| times as much, whatever the implementation,
+    so each point is held to atol32 * max(1, ||dx/dy||_inf), the Jacobian of the
+    inverse taken in float64: a well-conditioned map gets atol32 itself.
+    """
     module64 = copy.deepcopy(module).double()
-    for dtype, atol in [(torch.float32, round_trip_atol32), (torch.float64, round_trip_atol64)]:
+    for dtype, atol in [(torch.float32, atol32), (torch.float64, atol64)]:
         typed = copy.deepcopy(module).to(dtype)
         for x, context in _cases(input_dim, context_dim, dtype, generator):
             transform = _plain(typed, context)
@@ -175,10 +222,14 @@ def check_transform(
             if getattr(transform, "volume_preserving", False):
                 assert (log_det == 0).all()
 
-    # 4. Log-determinant against autograd, float64, moved parameters.
+
+def _check_log_det(module, input_dim, context_dim, log_det_atol, generator) -> None:
+    """Step 4: in float64, at the moved parameters, ``log_abs_det_jacobian`` is
+    within ``log_det_atol`` of ``slogdet`` of the autograd Jacobian, also right
+    after the public forward and inverse calls (which may hand a log-det over)."""
     module64 = copy.deepcopy(module).double()
     points = _points((4,), input_dim, torch.float64, generator)
-    contexts = _context((4,), context_dim, torch.float64, generator) if conditional else [None] * 4
+    contexts = _context((4,), context_dim, torch.float64, generator) if _is_conditional(module) else [None] * 4
     for x, context in zip(points, contexts):
         transform = _plain(module64, context)
         jacobian = torch.autograd.functional.jacobian(transform._call, x)
@@ -195,15 +246,11 @@ def check_transform(
         error = (transform.log_abs_det_jacobian(x_back, y) - expected).abs().item()
         assert error <= log_det_atol, f"log-det after the inverse call off by {error:.3g}"
 
-    # 5-6. Gradients and training.
-    data, data_context = _training_data(input_dim, context_dim, generator)
-    trained = copy.deepcopy(module)
-    if has_parameters:
-        _check_training(trained, data, data_context, input_dim)
 
-    # 7. state_dict round trips, directly and through torch.save/torch.load(weights_only=True).
-    x = _points((7,), input_dim, torch.float32, generator)
-    context = _context((7,), context_dim, torch.float32, generator) if conditional else None
+def _check_state_dict(build, trained, x, context) -> None:
+    """Step 7: a fresh ``build()`` loaded with ``trained``'s ``state_dict``, directly
+    and through ``torch.save`` / ``torch.load(weights_only=True)``, gives exactly
+    ``trained``'s outputs at ``x``."""
     expected = _plain(trained, context)._call(x)
     buffer = io.BytesIO()
     torch.save(trained.state_dict(), buffer)
@@ -213,20 +260,28 @@ def check_transform(
         restored.load_state_dict(state)
         assert torch.equal(_plain(restored, context)._call(x), expected), "state_dict round trip changed outputs"
 
-    # 8. The cache inverts a transform's own output exactly, and never returns
-    #    a stale value after an in-place parameter update.
+
+def _check_cache(trained, x, context, has_parameters, perturbation, generator) -> None:
+    """Step 8: on a copy of ``trained``, the cache inverts the transform's own
+    output exactly (returns ``x`` itself) and, for an unconditional transform with
+    parameters, never returns a stale value after an in-place parameter update
+    (by ``perturbation``)."""
     cached = copy.deepcopy(trained)
     transform = _plain(cached, context)
     with torch.no_grad():
         y = transform(x)
         assert transform.inv(y) is x, "the cache should return the input of the last forward call"
-        if has_parameters and not conditional:
+        if has_parameters and not _is_conditional(cached):
             move_parameters(cached, perturbation, generator)
             x_new = cached.inv(y)
             assert torch.equal(x_new, cached._inverse(y)), "the cache returned a stale value after a parameter update"
             assert not torch.equal(x_new, x)
 
-    # 9. Wrong widths raise ValueError.
+
+def _check_wrong_widths(trained, input_dim, context_dim, generator) -> None:
+    """Step 9: an input of the wrong width, forward or inverse, and a context of
+    the wrong width raise ``ValueError`` naming the expected width."""
+    conditional = _is_conditional(trained)
     wrong = _points((3,), input_dim + 1, torch.float32, generator)
     transform = _plain(trained, _context((3,), context_dim, torch.float32, generator) if conditional else None)
     for call in (transform, transform.inv):
@@ -236,16 +291,21 @@ def check_transform(
             assert str(input_dim) in str(error)
         else:
             raise AssertionError("an input of the wrong width did not raise ValueError")
-    if conditional:
-        try:
-            trained.condition(_context((3,), context_dim + 1, torch.float32, generator))
-        except ValueError as error:
-            assert str(context_dim) in str(error)
-        else:
-            raise AssertionError("a context of the wrong width did not raise ValueError")
+    if not conditional:
+        return
+    try:
+        trained.condition(_context((3,), context_dim + 1, torch.float32, generator))
+    except ValueError as error:
+        assert str(context_dim) in str(error)
+    else:
+        raise AssertionError("a context of the wrong width did not raise ValueError")
 
-    # 10. Pyro's param store holds the parameters themselves.
-    fresh = build()
+
+def _check_param_store(fresh) -> None:
+    """Step 10: ``pyro.module`` registers every parameter of ``fresh`` itself, not
+    a copy (Pyro's param store keeps a contiguous copy of a non-contiguous tensor,
+    which an optimiser would then update while the transform computes with the
+    original). The param store is left empty."""
     pyro.clear_param_store()
     try:
         pyro.module("checked", fresh)

@@ -1,6 +1,7 @@
 """Tests of the flow autoguides (pyro_nflows.autoguides).
 
-References that do not depend on this package:
+References whose truth does not depend on this package (the models
+themselves come from pyro_nflows.models):
 
 - Neal's funnel in 10 dimensions, y ~ N(0, 3), x_i ~ N(0, exp(y / 2)), whose
   log-normaliser is exactly 0: the ELBO is minus the KL divergence to the
@@ -36,21 +37,15 @@ from pyro_nflows.autoguides import (
     AutoPlanar,
     AutoSylvester,
 )
+from pyro_nflows.models import eight_schools, funnel
 from pyro_nflows.transforms import FlowTransform, conditional_iaf, householder, iaf
 
 REFERENCE = Path(__file__).parent / "data" / "eight_schools_nuts.json"
 
 
 # ---------------------------------------------------------------------------
-# Models
+# Models (the funnel and eight schools come from pyro_nflows.models)
 # ---------------------------------------------------------------------------
-
-
-def funnel() -> None:
-    """Neal's funnel in 10 dimensions (written so that particles vectorise)."""
-    y = pyro.sample("y", dist.Normal(0.0, 3.0))
-    scale = torch.exp(y / 2).unsqueeze(-1).expand(y.shape + (9,))
-    pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
 
 
 def mixed(data: torch.Tensor) -> None:
@@ -61,15 +56,6 @@ def mixed(data: torch.Tensor) -> None:
         effect = pyro.sample("effect", dist.Normal(0.0, 1.0))
     with pyro.plate("data", len(data)):
         pyro.sample("obs", dist.Normal(weight * effect.sum(-1, keepdim=True), noise), obs=data)
-
-
-def eight_schools(y: torch.Tensor, sigma: torch.Tensor) -> None:
-    """Centered eight schools."""
-    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
-    with pyro.plate("schools", len(y)):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
 DATA = torch.tensor([0.3, -1.2, 0.8, 2.1, -0.4])

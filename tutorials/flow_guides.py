@@ -25,6 +25,7 @@
 # and its numbers mean nothing.
 
 # %%
+import inspect
 import math
 import os
 import tempfile
@@ -50,6 +51,7 @@ from pyro_nflows.autoguides import (
     AutoPlanar,
     AutoSylvester,
 )
+from pyro_nflows.models import funnel
 from pyro_nflows.transforms import householder, iaf
 
 smoke_test = "CI" in os.environ
@@ -69,15 +71,13 @@ workdir = Path(tempfile.mkdtemp(prefix="pyro_nflows_tutorial_"))
 # log-normaliser is 0, so the ELBO is $-\mathrm{KL}(q \,\|\, p) \le 0$, and 0
 # means a perfect guide.
 #
-# The model is written so that its batch dimensions broadcast: `SVI`
-# evaluates many particles at once (`vectorize_particles=True`).
+# The model is `pyro_nflows.models.funnel`, one of the package's models whose
+# posteriors are known (imported above); its source is printed below. It is
+# written so that its batch dimensions broadcast: `SVI` evaluates many
+# particles at once (`vectorize_particles=True`).
 
 # %%
-def funnel():
-    y = pyro.sample("y", dist.Normal(0.0, 3.0))
-    scale = torch.exp(y / 2).unsqueeze(-1).expand(y.shape + (9,))
-    pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
-
+print(inspect.getsource(funnel))
 
 # %% [markdown]
 # ## Training and scoring, the same for every guide
