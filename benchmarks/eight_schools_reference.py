@@ -5,7 +5,7 @@ Run from the repository root::
 
     python benchmarks/eight_schools_reference.py              # 4 chains x (2000 warm-up + 5000 draws), a few minutes
     python benchmarks/eight_schools_reference.py --quick      # smoke run, printed only, nothing written
-    python benchmarks/eight_schools_reference.py --samples 10000 --output ref.json
+    python benchmarks/eight_schools_reference.py --num-samples 10000 --output ref.json
 
 **The model** (Rubin 1981 [1]; Gelman et al. [2], section 5.5), *centered*:
 
@@ -110,19 +110,19 @@ def summarise(draws: dict[str, torch.Tensor]) -> dict[str, dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chains", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=2000)
-    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--warmup-steps", type=int, default=2000, help="NUTS warm-up steps per chain")
+    parser.add_argument("--num-samples", type=int, default=5000, help="draws kept per chain")
     parser.add_argument("--seed", type=int, default=20240)
     parser.add_argument("--output", default=OUTPUT)
     parser.add_argument("--quick", action="store_true", help="2 chains x (200 + 500), printed only")
     args = parser.parse_args(argv)
     if args.quick:
-        args.chains, args.warmup, args.samples = 2, 200, 500
+        args.chains, args.warmup_steps, args.num_samples = 2, 200, 500
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
 
     start = time.perf_counter()
-    draws, divergences = run_chains(args.chains, args.warmup, args.samples, args.seed)
+    draws, divergences = run_chains(args.chains, args.warmup_steps, args.num_samples, args.seed)
     elapsed = time.perf_counter() - start
     result = {
         "description": (
@@ -137,8 +137,8 @@ def main(argv=None) -> None:
         **summarise(draws),
         "divergences": divergences,
         "num_chains": args.chains,
-        "warmup_steps": args.warmup,
-        "num_samples_per_chain": args.samples,
+        "warmup_steps": args.warmup_steps,
+        "num_samples_per_chain": args.num_samples,
         "seed": args.seed,
         "sampler": "NUTS(target_accept_prob=0.9, jit_compile=True), chains sequential, chain c seeded seed + c",
         "pyro_version": pyro.__version__,

@@ -2,7 +2,7 @@ r"""Flow posteriors against the Gaussian one: test NLL of a VAE on binarised dig
 
 Run from the repository root::
 
-    python benchmarks/vae.py                 # 8 posteriors x 3 seeds, one table (~40 min on 2 cores shared with other work)
+    python benchmarks/vae.py                 # 8 posteriors x 3 seeds, one table (~40 min on 2 busy cores)
     python benchmarks/vae.py --quick         # smoke run: 4 posteriors, 1 seed, 50 epochs, 1000 samples (~2 min)
     python benchmarks/vae.py --posteriors gaussian householder:10 --seeds 0 1 2 3 4
 
@@ -42,6 +42,7 @@ The table is a report, not a test: the exit status is 0 unless a run errors.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import statistics
@@ -59,7 +60,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import library_versions  # noqa: E402
 from pyro_nflows import datasets  # noqa: E402
-from pyro_nflows.cli import DEFAULT_VAE  # noqa: E402
+from pyro_nflows.cli import VAE_DEFAULTS  # noqa: E402
 from pyro_nflows.vae import VAE, estimate_nll, train_vae  # noqa: E402
 
 POSTERIORS = [
@@ -94,19 +95,19 @@ class Row:
 
 
 def run_one(posterior: str, seed: int, data: tuple, settings: argparse.Namespace) -> Run:
-    train, valid, test = data
+    train, validation, test = data
     start = time.perf_counter()
     torch.manual_seed(seed)
-    vae = VAE(train.shape[1], settings.z_dim, posterior, hidden_dims=settings.hidden)
+    vae = VAE(train.shape[1], settings.z_dim, posterior, hidden_dims=settings.hidden_dims)
     history = train_vae(
-        vae, train, valid, epochs=settings.epochs, batch_size=BATCH_SIZE, lr=LR,
-        warmup_epochs=settings.warmup, patience=settings.patience, seed=seed, progress=False,
+        vae, train, validation, epochs=settings.epochs, batch_size=BATCH_SIZE, lr=LR,
+        warmup_epochs=settings.warmup_epochs, patience=settings.patience, seed=seed, progress=False,
     )
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
         elbo = vae.elbo(test, num_samples=10).mean().item()
-    nll = estimate_nll(vae, test, num_samples=settings.samples, seed=seed)
-    return Run(nll, elbo, len(history.valid_elbo), history.best_epoch + 1, time.perf_counter() - start)
+    nll = estimate_nll(vae, test, num_samples=settings.num_samples, seed=seed)
+    return Run(nll, elbo, len(history.validation), history.best_epoch + 1, time.perf_counter() - start)
 
 
 def _mean_std(values: List[float]) -> str:
@@ -151,33 +152,54 @@ def verdict(rows: List[Row]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--posteriors", nargs="+", default=None, help="posterior specs (default: the 8 above; --quick: 4)")
+    parser.add_argument(
+        "--posteriors", nargs="+", default=None, help="posterior specs (default: the 8 above; --quick: 4)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default {DEFAULT_VAE['epochs']}; --quick 50)")
-    parser.add_argument("--warmup", type=int, default=None, help=f"KL warm-up epochs (default {DEFAULT_VAE['warmup']}; --quick 10)")
-    parser.add_argument("--patience", type=int, default=None, help=f"early-stopping patience (default {DEFAULT_VAE['patience']}; --quick 10)")
-    parser.add_argument("--z-dim", type=int, default=DEFAULT_VAE["z_dim"])
-    parser.add_argument("--hidden", type=int, nargs="+", default=list(DEFAULT_VAE["hidden"]))
-    parser.add_argument("--samples", type=int, default=None, help="importance samples for the NLL (default 5000; --quick 1000)")
+    defaults = VAE_DEFAULTS
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"maximum epochs (default {defaults['epochs']}; --quick 50)"
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=None,
+        help=f"KL warm-up epochs (default {defaults['warmup_epochs']}; --quick 10)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help=f"early-stopping patience (default {defaults['patience']}; --quick 10)",
+    )
+    parser.add_argument("--z-dim", type=int, default=defaults["z_dim"])
+    hidden_dims = inspect.signature(VAE).parameters["hidden_dims"].default
+    parser.add_argument("--hidden-dims", type=int, nargs="+", default=list(hidden_dims))
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="importance samples for the NLL (default 5000; --quick 1000)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 posteriors, 1 seed, 50 epochs, 1000 samples")
     args = parser.parse_args(argv)
     quick = args.quick
     args.posteriors = args.posteriors or (QUICK_POSTERIORS if quick else POSTERIORS)
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    args.epochs = args.epochs or (50 if quick else DEFAULT_VAE["epochs"])
-    args.warmup = args.warmup if args.warmup is not None else (10 if quick else DEFAULT_VAE["warmup"])
-    args.patience = args.patience or (10 if quick else DEFAULT_VAE["patience"])
-    args.samples = args.samples or (1000 if quick else 5000)
+    args.epochs = args.epochs or (50 if quick else defaults["epochs"])
+    args.warmup_epochs = (
+        args.warmup_epochs if args.warmup_epochs is not None else (10 if quick else defaults["warmup_epochs"])
+    )
+    args.patience = args.patience or (10 if quick else defaults["patience"])
+    args.num_samples = args.num_samples or (1000 if quick else 5000)
     torch.set_num_threads(args.threads)
 
     data = datasets.split(datasets.binarized_digits(), (0.8, 0.1, 0.1), seed=SPLIT_SEED)
     print(f"pyro_nflows VAE posteriors on binarised digits ({library_versions({'pyro': 'pyro-ppl'})})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"train/valid/test {len(data[0])}/{len(data[1])}/{len(data[2])}  z_dim {args.z_dim}  gated hidden {tuple(args.hidden)}  "
-        f"epochs<={args.epochs} (warm-up {args.warmup}, patience {args.patience})  batch {BATCH_SIZE}  Adam {LR}  "
-        f"seeds {args.seeds}  NLL with {args.samples} importance samples  threads {args.threads}  "
+        f"train/validation/test {len(data[0])}/{len(data[1])}/{len(data[2])}  z_dim {args.z_dim}  "
+        f"gated hidden {tuple(args.hidden_dims)}  epochs<={args.epochs} (warm-up {args.warmup_epochs}, "
+        f"patience {args.patience})  batch {BATCH_SIZE}  Adam {LR}  "
+        f"seeds {args.seeds}  NLL with {args.num_samples} importance samples  threads {args.threads}  "
         f"load {load:.2f} on {os.cpu_count()} cores  {platform.python_implementation()} {platform.python_version()}\n",
         flush=True,
     )

@@ -399,7 +399,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         except (OSError, EOFError) as error:
             raise ValueError(f"'{path}' is not a readable gzip file: {error}") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"'{path}' is not an IDX file: it must start with two zero bytes, a type code and a dimension count")
+        raise ValueError(
+            f"'{path}' is not an IDX file: it must start with two zero bytes, a type code and a dimension count"
+        )
     code, ndim = raw[2], raw[3]
     if code not in _IDX_TYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_TYPES)
@@ -461,7 +463,9 @@ def load_mnist(
     path = _find_mnist_file(Path(root), _MNIST_FILES[split])
     images = read_idx(path)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"'{path}' holds a {images.ndim}-D array of {images.dtype}; MNIST images are 3-D unsigned bytes")
+        raise ValueError(
+            f"'{path}' holds a {images.ndim}-D array of {images.dtype}; MNIST images are 3-D unsigned bytes"
+        )
     intensity = torch.as_tensor(images.reshape(len(images), -1), dtype=_FLOAT64) / 255.0
     return _binarize(intensity, binarize, _generator(seed)).to(dtype)
 
@@ -540,22 +544,22 @@ def _read_csv(path: Path) -> np.ndarray:
             raise ValueError(
                 f"'{path}': row {line} has {len(row)} values but row {first_line} has {width}"
             )
-        for column, cell in enumerate(row, start=1):
-            try:
-                values[index, column - 1] = float(cell)
-            except ValueError:
-                hint = ""
-                if any(separator in cell.strip() for separator in (";", "\t", " ")):
-                    hint = " (values must be separated by commas)"
-                raise ValueError(
-                    f"'{path}': row {line}, column {column}: "
-                    f"cannot read {cell!r} as a number{hint}"
-                ) from None
-            if not math.isfinite(values[index, column - 1]):
-                raise ValueError(
-                    f"'{path}': row {line}, column {column}: {cell!r} is not a finite number"
-                )
+        values[index] = [_read_cell(path, line, column, cell) for column, cell in enumerate(row, start=1)]
     return values
+
+
+def _read_cell(path: Path, line: int, column: int, cell: str) -> float:
+    """The finite number in ``cell`` (row ``line``, 1-based ``column``), or ``ValueError`` saying where."""
+    try:
+        value = float(cell)
+    except ValueError:
+        hint = ""
+        if any(separator in cell.strip() for separator in (";", "\t", " ")):
+            hint = " (values must be separated by commas)"
+        raise ValueError(f"'{path}': row {line}, column {column}: cannot read {cell!r} as a number{hint}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"'{path}': row {line}, column {column}: {cell!r} is not a finite number")
+    return value
 
 
 def _read_npy(path: Path) -> np.ndarray:

@@ -4,8 +4,9 @@ A :class:`DensityModel` is a standard normal base, a stack of flow layers
 built from a spec (see :mod:`pyro_nflows.registry`; the presets ``"maf"``,
 ``"nsf"`` and ``"realnvp"`` name the usual ones) repeated ``num_layers`` times
 with a normalisation layer between repeats, and a fixed standardisation
-``x = loc + scale * z`` fitted to the training data. The standardisation's log-determinant is part of
-:meth:`DensityModel.log_prob`, so densities are in the data's own units.
+``x = loc + scale * z`` fitted to the training data. The standardisation's
+log-determinant is part of :meth:`DensityModel.log_prob`, so densities are in
+the data's own units.
 
 ``save`` writes one file holding the configuration as JSON text and the
 weights as tensors; ``load`` reads it with ``torch.load(weights_only=True)``,
@@ -17,20 +18,21 @@ Started under ``torchrun`` (more than one process), ``fit`` trains
 data-parallel with :class:`torch.nn.parallel.DistributedDataParallel`: every
 process holds the whole model and data, each takes its share of every global
 batch, and the result matches one process trained with the same global batch.
+
+``fit`` is made of the pieces every trainer shares (:mod:`pyro_nflows.training`:
+the epoch loop, checkpoints; :mod:`pyro_nflows.distributed`: the process
+group) and of what is its own: the split, the model's initialisation from the
+data, and one epoch of shuffled batches (:class:`_Epochs`).
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import math
-import os
-import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -38,14 +40,15 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import BatchNorm
 from torch import nn
 from torch.distributions.transforms import AffineTransform
-from tqdm.auto import tqdm
 
+from pyro_nflows.distributed import Ranks, check_same_everywhere, data_parallel, join_process_group, summary
 from pyro_nflows.registry import build_flow
 from pyro_nflows.saving import read_model, write_model
+from pyro_nflows.training import Checkpoint, EpochLoop, TrainingState, check_loss, gradient_step
 from pyro_nflows.transforms.elementwise import ActNorm
 from pyro_nflows.validation import check_count, check_rows
 
-__all__ = ["DEFAULT_FLOW", "PRESETS", "DensityModel", "FitHistory", "check_data", "fit", "load"]
+__all__ = ["DEFAULT_FLOW", "DENSITY_DEFAULTS", "PRESETS", "DensityModel", "check_data", "fit", "load"]
 
 # Names for the usual stacks; any other registry spec is used as written.
 PRESETS = {
@@ -54,12 +57,11 @@ PRESETS = {
     "realnvp": "affine_coupling",  # Dinh et al. 2017: affine couplings, alternating halves
 }
 DEFAULT_FLOW = "maf"
-# Options for every layer that takes them, unless the spec sets them: a density model is trained
-# by scoring data, so spline couplings evaluate their spline from the data side (see
-# ConditionedSplineCoupling; the layer's own default, the noise side, is the form guides train),
-# and MAF, affine and additive couplings start as a mild random map rather than at the identity,
-# which a guide needs and a density model does not (they train better from there: the measurements
-# are in the docstrings of pyro_nflows.transforms.coupling and pyro_nflows.transforms.autoregressive.maf).
+# Options for every layer that takes them, unless the spec sets them. A density model is trained
+# by scoring data, so spline couplings evaluate their spline from the data side (the layer's own
+# default, the noise side, is the form guides train), and MAF, affine and additive couplings start
+# as a mild random map: a guide needs the identity start, a density model trains better without it
+# (measured: benchmarks/README.md#spline-side, #coupling-start, #maf-start).
 DENSITY_DEFAULTS = {"spline_from": "x", "identity_init": False}
 NORMALIZATIONS = ("actnorm", "batchnorm", None)
 
@@ -196,128 +198,15 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> D
     return DensityModel.load(path, map_location=map_location)
 
 
-@dataclass
-class FitHistory:
-    """What :func:`fit` saw: mean log-likelihood per point, per epoch."""
-
-    train: list[float] = field(default_factory=list)
-    validation: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-    stopped: str = ""
-
-
-@dataclass(frozen=True)
-class _Ranks:
-    """This process's place in data-parallel training (``world_size == 1``: alone)."""
-
-    world_size: int = 1
-    rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _join_process_group(distributed: bool, device: torch.device) -> tuple[_Ranks, torch.device]:
-    """Find (or, under torchrun, create) the process group, and the device for this rank.
-
-    Outside ``torchrun`` and without an initialised process group of more than
-    one process, returns a world of one and ``device`` unchanged.
-    """
-    if not distributed or not torch.distributed.is_available():
-        return _Ranks(), device
-    td = torch.distributed
-    initialised = td.is_initialized()
-    if initialised:
-        world_size, rank = td.get_world_size(), td.get_rank()
-    else:
-        try:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        except ValueError:
-            raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
-        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-        if world_size > 1 and missing:
-            raise ValueError(
-                f"WORLD_SIZE={world_size} asks for data-parallel training, but the environment lacks "
-                f"{', '.join(missing)}: start the script with torchrun, or pass distributed=False"
-            )
-        rank = int(os.environ.get("RANK", "0"))
-    if world_size <= 1:
-        return _Ranks(), device
-    if device.type == "cuda" and device.index is None:  # one GPU per process on each node
-        local_rank = os.environ.get("LOCAL_RANK")
-        device = torch.device("cuda", int(local_rank) if local_rank is not None else rank % max(torch.cuda.device_count(), 1))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not initialised:
-        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        world_size, rank = td.get_world_size(), td.get_rank()
-    if td.get_backend() == "nccl" and device.type != "cuda":
-        raise ValueError(f"the process group uses nccl, which needs CUDA tensors, but the device is {device}; pass device='cuda'")
-    return _Ranks(world_size, rank), device
-
-
-def _all_reduce(values: torch.Tensor, ranks: _Ranks, op=None) -> torch.Tensor:
-    """``values`` combined over every process (summed unless ``op`` says otherwise)."""
-    if ranks.distributed:
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM if op is None else op)
-    return values
-
-
-def _all_agree(ok: bool, ranks: _Ranks, device: torch.device) -> bool:
-    """Whether ``ok`` holds on every process (a collective: call it on all of them)."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    return bool(_all_reduce(flag, ranks, torch.distributed.ReduceOp.MIN if ranks.distributed else None).item())
-
-
-def _from_main(values: torch.Tensor, ranks: _Ranks) -> torch.Tensor:
-    """``values`` as the main process (rank 0) holds them."""
-    if ranks.distributed:
-        torch.distributed.broadcast(values, src=0)
-    return values
-
-
-def _summary(tensor: torch.Tensor) -> list[float]:
-    """Numbers that tell two tensors apart (shape, sum, and a sum weighted by row)."""
-    rows = tensor.double().reshape(len(tensor), -1)
-    weights = torch.arange(1, len(rows) + 1, dtype=torch.float64, device=rows.device)[:, None]
-    return [float(n) for n in tensor.shape] + [rows.sum().item(), (rows * weights).sum().item()]
-
-
-def _check_same_everywhere(numbers: list[float], ranks: _Ranks, device: torch.device) -> None:
-    """Raise ``ValueError`` on every process unless they all passed the same ``numbers``."""
-    if not ranks.distributed:
-        return
-    mine = torch.tensor(numbers, dtype=torch.float64, device=device)
-    main = _from_main(mine.clone(), ranks)
-    if not _all_agree(torch.equal(mine, main), ranks, device):
-        raise ValueError(
-            f"fit runs data-parallel over {ranks.world_size} processes, and every process must pass the same "
-            "data, validation_data and arguments (each takes its share of every batch itself); "
-            "they differ between processes"
-        )
-
-
-def _mean_log_prob(model: DensityModel, data: torch.Tensor, batch_size: int, ranks: _Ranks = _Ranks()) -> float:
+def _mean_log_prob(model: DensityModel, data: torch.Tensor, batch_size: int, ranks: Ranks = Ranks()) -> float:
     """Mean log-density of the rows of ``data``; each process scores its share, the sums are combined."""
     shard = data[ranks.rank :: ranks.world_size] if ranks.distributed else data
     with torch.no_grad():
         total = sum(model.log_prob(chunk).double().sum().item() for chunk in shard.split(batch_size))
     if ranks.distributed:  # every process must take the same early-stopping decision: use rank 0's sum
-        combined = _all_reduce(torch.tensor([total], dtype=torch.float64, device=data.device), ranks)
-        total = _from_main(combined, ranks).item()
+        combined = ranks.all_reduce(torch.tensor([total], dtype=torch.float64, device=data.device))
+        total = ranks.from_main(combined).item()
     return total / len(data)
-
-
-def _data_parallel(model: nn.Module, device: torch.device, sync_buffers: bool) -> nn.Module:
-    """``model`` wrapped in DDP; buffers re-broadcast from rank 0 before every forward only if ``sync_buffers``."""
-    ddp = nn.parallel.DistributedDataParallel
-    keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{keyword: sync_buffers})
 
 
 def _batches(order: torch.Tensor, batch_size: int, min_rows: int) -> list[torch.Tensor]:
@@ -335,7 +224,9 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, ()).item())
 
 
-def _split(data: torch.Tensor, validation_data, validation_fraction: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(
+    data: torch.Tensor, validation_data, validation_fraction: float, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     if validation_data is not None:
         validation = check_data(validation_data, "validation_data", min_rows=1)
         if validation.shape[1] != data.shape[1]:
@@ -356,10 +247,131 @@ def _fingerprint(train: torch.Tensor, validation: torch.Tensor) -> str:
     return json.dumps([list(train.shape), list(validation.shape), stats])
 
 
-def _save_atomically(payload: dict, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+def _check_settings(epochs: int, batch_size: int, patience: int, lr: float) -> None:
+    for name, value in [("epochs", epochs), ("batch_size", batch_size), ("patience", patience)]:
+        check_count(name, value)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+
+
+def _agree_across_processes(
+    ranks: Ranks, device: torch.device, data: torch.Tensor, validation_data, batch_size: int, seed, arguments: list
+) -> int | None:
+    """Under data parallelism, check that every process was given the same
+    data and ``arguments``, and return the seed they all use (rank 0's draw
+    when ``seed`` is None). In a world of one, ``seed`` as it is."""
+    if not ranks.distributed:
+        return seed
+    if batch_size < ranks.world_size:
+        raise ValueError(
+            f"batch_size is the global batch, shared out over the {ranks.world_size} processes of the "
+            f"data-parallel run, and must be at least {ranks.world_size}; got {batch_size}"
+        )
+    text = json.dumps(arguments, default=str)
+    validation = [] if validation_data is None else summary(check_data(validation_data, "validation_data", 1))
+    numbers = [zlib.crc32(text.encode()), *summary(data), len(validation), *validation]
+    check_same_everywhere(numbers, ranks, device, "fit")
+    if seed is None:  # every process must draw the same initialisation, split and shuffling
+        shared = torch.tensor([_draw_seed()], dtype=torch.int64, device=device)
+        seed = int(ranks.from_main(shared).item())
+    return seed
+
+
+def _initialise(model: DensityModel, train: torch.Tensor, generator: torch.Generator, batch_size: int) -> None:
+    """The standardisation from the training data, and the data-dependent
+    initialisations (actnorm) from a large batch of it."""
+    model.set_standardisation(train)
+    with torch.no_grad():
+        model.log_prob(train[torch.randperm(len(train), generator=generator)[: 4 * batch_size].to(train.device)])
+
+
+def _batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics of the model's BatchNorm layers: the only buffers that change in training."""
+    return [buffer for module in model.modules() if isinstance(module, BatchNorm) for buffer in module.buffers()]
+
+
+def _min_rows(model: nn.Module, ranks: Ranks, batch_size: int, train_rows: int) -> int:
+    """The fewest rows a batch may have: BatchNorm's batch variance needs 2 on
+    every process (a short last batch joins the one before); other layers take any."""
+    if not _batchnorm_buffers(model):
+        return 1
+    min_rows = 2 * ranks.world_size
+    if min(batch_size, train_rows) < min_rows:
+        each = f" on each of the {ranks.world_size} processes" if ranks.distributed else ""
+        raise ValueError(
+            f"normalization='batchnorm' needs batches of at least 2 rows{each}: batch_size and the number of "
+            f"training rows must be at least {min_rows}; got batch_size {batch_size} and {train_rows} training rows"
+        )
+    return min_rows
+
+
+@dataclass
+class _Epochs:
+    """fit's epoch of training: shuffled global batches, each process scoring
+    its share of every batch.
+
+    Under torchrun, DDP averages the gradients of the processes' losses; each
+    process's loss is its rows' sum scaled by ``world_size / len(batch)``, so
+    the average is the gradient of the batch mean. ``score`` maps indices of
+    training rows to their log-densities.
+    """
+
+    score: Callable[[torch.Tensor], torch.Tensor]
+    rows: int
+    state: TrainingState
+    batch_size: int
+    min_rows: int
+    clip_norm: float
+    ranks: Ranks
+    device: torch.device
+
+    def train(self, epoch: int) -> float:
+        """One pass over the training rows; their mean log-likelihood."""
+        order = torch.randperm(self.rows, generator=self.state.generator).to(self.device)
+        total = 0.0
+        for batch in _batches(order, self.batch_size, self.min_rows):
+            loss, batch_mean = self._loss(batch)
+            check_loss(-batch_mean, epoch)
+            gradient_step(loss, self.state.optimizer, self.state.model.parameters(), self.clip_norm)
+            self.state.scheduler.step()
+            total += batch_mean * len(batch)
+        return total / self.rows
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This process's loss on ``batch`` and the batch's mean log-likelihood over every process."""
+        ranks = self.ranks
+        if not ranks.distributed:
+            loss = -self.score(batch).mean()
+            return loss, -loss.item()
+        rows, weight = batch[ranks.rank :: ranks.world_size], ranks.world_size / len(batch)
+        if len(rows) == 0:  # a short last batch: take part in the gradient sync with zero weight
+            rows, weight = batch[:1], 0.0
+        log_probs = self.score(rows)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        batch_sum = log_probs.detach().double().sum() if weight else zero
+        return -weight * log_probs.sum(), ranks.all_reduce(batch_sum.reshape(1)).item() / len(batch)
+
+
+def _row_scorer(model: DensityModel, train: torch.Tensor, ranks: Ranks, device, sync_buffers: bool) -> Callable:
+    """Indices of training rows -> their log-densities, through DDP under torchrun.
+    Every parameter takes part in ``log_prob`` (no ``find_unused_parameters``);
+    of the buffers only BatchNorm's running statistics change, so only they
+    are worth re-broadcasting from rank 0 (``sync_buffers``)."""
+    score = data_parallel(model, device, sync_buffers) if ranks.distributed else model.log_prob
+    return lambda rows: score(train[rows])
+
+
+def _resume(
+    checkpoint, state: TrainingState, settings: str, fingerprint: str, ranks: Ranks, device
+) -> Checkpoint | None:
+    """The run's :class:`~pyro_nflows.training.Checkpoint` (``None`` without
+    one), ``state`` loaded from it when the file exists."""
+    if checkpoint is None:
+        return None
+    saved = Checkpoint(checkpoint, settings, fingerprint, ranks, device)
+    if saved.resume(state) and state.loop.progress:
+        print(f"resuming from {checkpoint} after epoch {len(state.loop.history.validation)}")
+    return saved
 
 
 def fit(
@@ -394,15 +406,9 @@ def fit(
         (see below); ``False`` trains in this process alone even there.
     :param patience: epochs without a better validation log-likelihood before
         stopping (default 30). The learning rate follows a cosine schedule over
-        all ``epochs``, and most of the gain comes late, once it is small; a
-        short patience fires on a noisy mid-schedule plateau and forfeits that
-        phase. Measured with ``benchmarks/density.py`` (100 epochs): at
-        patience 10, two_moons/nsf scored 1.791 nats (seed 0) against 1.728
-        when left to run, and stopped at epoch 46 of a run whose best epoch
-        is 88 (seed 1); rings/realnvp 3.477 against 3.408 (seed 0). Patience
-        30 gives the same result as no early stopping on those runs. The best weights are restored, so a
-        longer patience costs only time (on data that overfits, such as
-        digits with its best epoch near 35, 20 more epochs).
+        all ``epochs`` and most of the gain comes late, so a short patience
+        stops on a mid-schedule plateau; the best weights are restored, so a
+        long one costs only time (measured: benchmarks/README.md#fit-patience).
 
     Holds out ``validation_fraction`` of the rows (or uses ``validation_data``),
     trains with Adam and a cosine learning-rate schedule, clips gradient norms
@@ -440,30 +446,11 @@ def fit(
     weights. The process group is left initialised for later calls.
     """
     data = check_data(data)
-    for name, value in [("epochs", epochs), ("batch_size", batch_size), ("patience", patience)]:
-        check_count(name, value)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    ranks, device = _join_process_group(distributed, device)
-    if ranks.distributed:
-        if batch_size < ranks.world_size:
-            raise ValueError(
-                f"batch_size is the global batch, shared out over the {ranks.world_size} processes of the "
-                f"data-parallel run, and must be at least {ranks.world_size}; got {batch_size}"
-            )
-        arguments = json.dumps(
-            [flow, num_layers, hidden_dims and list(hidden_dims), normalization, epochs, batch_size, lr,
-             validation_fraction, patience, clip_norm, seed, device.type, str(checkpoint)],
-            default=str,
-        )
-        validation_summary = [] if validation_data is None else _summary(check_data(validation_data, "validation_data", 1))
-        _check_same_everywhere(
-            [zlib.crc32(arguments.encode()), *_summary(data), len(validation_summary), *validation_summary], ranks, device
-        )
-        if seed is None:  # every process must draw the same initialisation, split and shuffling
-            shared = torch.tensor([_draw_seed()], dtype=torch.int64, device=device)
-            seed = int(_from_main(shared, ranks).item())
+    _check_settings(epochs, batch_size, patience, lr)
+    ranks, device = join_process_group(distributed, torch.device(device) if device is not None else torch.device("cpu"))
+    arguments = [flow, num_layers, hidden_dims and list(hidden_dims), normalization, epochs, batch_size, lr,
+                 validation_fraction, patience, clip_norm, seed, device.type, str(checkpoint)]
+    seed = _agree_across_processes(ranks, device, data, validation_data, batch_size, seed, arguments)
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else _draw_seed())
@@ -471,153 +458,34 @@ def fit(
 
     model = DensityModel(train.shape[1], flow, num_layers, hidden_dims, normalization).to(device)
     train, validation = train.to(device, torch.float32), validation.to(device, torch.float32)
-    model.set_standardisation(train)
-    with torch.no_grad():  # data-dependent initialisations (actnorm) see a large batch
-        model.log_prob(train[torch.randperm(len(train), generator=generator)[: 4 * batch_size].to(device)])
-
-    # BatchNorm's batch variance needs 2 rows on every process (a short last batch joins the one
-    # before); other layers take batches of any size.
-    moving = [buffer for module in model.modules() if isinstance(module, BatchNorm) for buffer in module.buffers()]
-    min_rows = 2 * ranks.world_size if moving else 1
-    if min(batch_size, len(train)) < min_rows:
-        each = f" on each of the {ranks.world_size} processes" if ranks.distributed else ""
-        raise ValueError(
-            f"normalization='batchnorm' needs batches of at least 2 rows{each}: batch_size and the number of "
-            f"training rows must be at least {min_rows}; got batch_size {batch_size} and {len(train)} training rows"
-        )
-    # foreach: one multi-tensor update instead of a Python loop over the parameter tensors (torch's
-    # default only on GPUs). On the CPU it takes 3-5% off a training step of fit's 5-layer models on
-    # 2-D data, batch 256 (same model, the two optimisers interleaved: maf 10.6 -> 10.3 ms, realnvp
-    # 12.6 -> 12.0, nsf 24.5 -> 24.1), with the same updates up to rounding.
+    _initialise(model, train, generator, batch_size)
+    min_rows = _min_rows(model, ranks, batch_size, len(train))
+    # foreach: one multi-tensor update (benchmarks/README.md#fit-foreach).
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
-    steps_per_epoch = len(_batches(torch.arange(len(train)), batch_size, min_rows))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    history = FitHistory()
-    best_state, best_value, waited, start = copy.deepcopy(model.state_dict()), -math.inf, 0, 0
+    steps = len(_batches(torch.arange(len(train)), batch_size, min_rows))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+    hint = f"; resume with fit(..., checkpoint={str(checkpoint)!r})" if checkpoint is not None else ""
+    loop = EpochLoop(model, epochs, patience, metric="validation log-likelihood", name="fit", progress=progress,
+                     ranks=ranks, interrupt_hint=hint)
+    state = TrainingState(model, optimizer, scheduler, generator, loop)
     settings = json.dumps({**model.config, "epochs": epochs, "batch_size": batch_size, "lr": lr})
-    fingerprint = _fingerprint(train, validation)
-    progress = progress and ranks.main
+    saved = _resume(checkpoint, state, settings, _fingerprint(train, validation), ranks, device)
 
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    resume = checkpoint is not None and checkpoint.exists()
-    if ranks.distributed and checkpoint is not None:  # rank 0 decides; every process then reads the file
-        resume = bool(_from_main(torch.tensor([float(resume)], device=device), ranks).item())
-    if resume:
-        try:
-            saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        except FileNotFoundError:
-            if not ranks.distributed:
-                raise
-            saved = None
-        if not _all_agree(saved is not None, ranks, device):
-            raise ValueError(
-                f"checkpoint {checkpoint} exists for rank 0 but not for every process of the data-parallel run: "
-                "put it on a file system that they all share"
-            )
-        if saved.get("settings") != settings or saved.get("data") != fingerprint:
-            raise ValueError(
-                f"checkpoint {checkpoint} was written for other data or settings; "
-                "delete it, or pass another checkpoint path, to start afresh"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        generator.set_state(saved["generator"])
-        best_state, best_value, waited = saved["best_model"], saved["best_value"], saved["waited"]
-        history = FitHistory(**json.loads(saved["history"]))
-        start = len(history.validation)
-        if progress:
-            print(f"resuming from {checkpoint} after epoch {start}")
-
-    def save_checkpoint() -> None:
-        _save_atomically(
-            {
-                "settings": settings,
-                "data": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "best_model": best_state,
-                "best_value": best_value,
-                "waited": waited,
-                "history": json.dumps(asdict(history)),
-            },
-            checkpoint,
-        )
-
-    # Under torchrun, DDP averages the gradients of the processes' losses; each process's loss is
-    # its rows' sum scaled by world_size / len(batch), so the average is the gradient of the batch mean.
-    # Every parameter takes part in log_prob, so find_unused_parameters is not needed. The buffers
-    # (standardisation, actnorm flags, MADE masks) agree from the start and never change, except
-    # BatchNorm's running statistics: only those are worth re-broadcasting from rank 0 at every step.
-    if ranks.distributed:
-        score = _data_parallel(model, device, sync_buffers=bool(moving))
-    else:
-        score = model.log_prob
-    remaining = range(start, epochs) if not history.stopped else range(0)
-    bar = tqdm(desc="fit", disable=not progress, unit="epoch", initial=start, total=epochs)
-    try:
-        for epoch in remaining:
+    moving = _batchnorm_buffers(model)
+    score = _row_scorer(model, train, ranks, device, sync_buffers=bool(moving))
+    epoch_of = _Epochs(score, len(train), state, batch_size, min_rows, clip_norm, ranks, device)
+    with loop:
+        for epoch in loop:
             model.train()
-            order = torch.randperm(len(train), generator=generator).to(device)
-            total = 0.0
-            for batch in _batches(order, batch_size, min_rows):
-                if ranks.distributed:
-                    rows, weight = batch[ranks.rank :: ranks.world_size], ranks.world_size / len(batch)
-                    if len(rows) == 0:  # a short last batch: take part in the gradient sync with zero weight
-                        rows, weight = batch[:1], 0.0
-                    log_probs = score(train[rows])
-                    loss = -weight * log_probs.sum()
-                    batch_sum = log_probs.detach().double().sum() if weight else torch.zeros((), dtype=torch.float64, device=device)
-                    batch_mean = _all_reduce(batch_sum.reshape(1), ranks).item() / len(batch)
-                else:
-                    loss = -score(train[batch]).mean()
-                    batch_mean = -loss.item()
-                if not math.isfinite(batch_mean):
-                    raise FloatingPointError(f"the training loss became {-batch_mean} in epoch {epoch + 1}")
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-                optimizer.step()
-                scheduler.step()
-                total += batch_mean * len(batch)
+            train_value = epoch_of.train(epoch)
             for buffer in moving:  # validate (and keep) the same model on every process
-                _from_main(buffer.data, ranks)
+                ranks.from_main(buffer.data)
             model.eval()
-            history.train.append(total / len(train))
-            history.validation.append(_mean_log_prob(model, validation, 4 * batch_size, ranks))
-            if history.validation[-1] > best_value:
-                best_value, history.best_epoch, waited = history.validation[-1], epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                waited += 1
-            bar.set_postfix(train=f"{history.train[-1]:.3f}", valid=f"{history.validation[-1]:.3f}", best=f"{best_value:.3f}")
-            if waited >= patience:
-                history.stopped = f"early stop: no better validation log-likelihood for {patience} epochs"
-            elif epoch + 1 == epochs:
-                history.stopped = f"ran all {epochs} epochs"
-            if checkpoint is not None and ranks.main:
-                save_checkpoint()
-            bar.update()  # counted here, not by iterating the bar, so that the last epoch shows too
-            if history.stopped:
-                break
-    except KeyboardInterrupt:
-        if ranks.distributed:  # the other processes may be anywhere: let torchrun end the job
-            raise
-        history.stopped = "interrupted"
-        where = f"; resume with fit(..., checkpoint={str(checkpoint)!r})" if checkpoint is not None else ""
-        warnings.warn(f"fit interrupted: returning the best model so far{where}", RuntimeWarning, stacklevel=2)
-    except FloatingPointError as error:  # under torchrun every process sees the same combined loss
-        history.stopped = f"diverged: {error}"
-        if ranks.main:
-            warnings.warn(f"fit stopped: {error}; returning the best model so far", RuntimeWarning, stacklevel=2)
-    finally:
-        bar.close()
-    del score
+            loop.record(epoch, train_value, _mean_log_prob(model, validation, 4 * batch_size, ranks))
+            if saved is not None:
+                saved.save(state)
+    del score, epoch_of
     if ranks.distributed:  # return only once rank 0 has written the last checkpoint
-        _all_agree(True, ranks, device)
-    model.load_state_dict(best_state)
-    model.eval()
-    model.history = history
+        ranks.all_agree(True, device)
+    model.history = loop.history
     return model

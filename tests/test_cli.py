@@ -8,7 +8,7 @@ from pyro_nflows.density import load
 
 def test_fit_on_the_default_dataset_writes_a_model(tmp_path, capsys):
     output = tmp_path / "model.pt"
-    status = main(["fit", "--n", "600", "--epochs", "2", "--layers", "1", "--no-progress", "-o", str(output)])
+    status = main(["fit", "--n", "600", "--epochs", "2", "--num-layers", "1", "--no-progress", "-o", str(output)])
     assert status == 0
     printed = capsys.readouterr().out
     assert "dataset 'two_moons'" in printed
@@ -21,12 +21,15 @@ def test_fit_on_a_file(tmp_path, capsys):
     path = tmp_path / "data.npy"
     np.save(path, np.random.default_rng(0).normal(size=(300, 3)))
     output = tmp_path / "model.pt"
-    assert main(["fit", str(path), "--epochs", "1", "--layers", "1", "--no-progress", "-o", str(output)]) == 0
+    assert main(["fit", str(path), "--epochs", "1", "--num-layers", "1", "--no-progress", "-o", str(output)]) == 0
     assert load(output).input_dim == 3
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    assert main(["fit", "--flow", "nope", "--n", "100", "--epochs", "1", "--no-progress", "-o", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(["fit", "--flow", "nope", "--n", "100", "--epochs", "1", "--no-progress", "-o", str(tmp_path / "m.pt")])
+        == 2
+    )
     assert "unknown flow 'nope'" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "missing.csv"), "--no-progress"]) == 2
 
@@ -38,7 +41,26 @@ def test_flows_lists_the_registry(capsys):
 
 def test_fit_writes_a_picture_for_2d_data_then_sample_and_score(tmp_path, capsys):
     output = tmp_path / "moons.pt"
-    assert main(["fit", "--n", "600", "--epochs", "1", "--layers", "1", "--hidden", "8", "8", "--no-progress", "-o", str(output)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--n",
+                "600",
+                "--epochs",
+                "1",
+                "--num-layers",
+                "1",
+                "--hidden-dims",
+                "8",
+                "8",
+                "--no-progress",
+                "-o",
+                str(output),
+            ]
+        )
+        == 0
+    )
     picture = output.with_suffix(".png")
     assert picture.exists() and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +80,7 @@ def test_fit_writes_a_picture_for_2d_data_then_sample_and_score(tmp_path, capsys
 
 def test_score_refuses_a_file_of_the_wrong_width(tmp_path, capsys):
     output = tmp_path / "m.pt"
-    main(["fit", "--n", "300", "--epochs", "1", "--layers", "1", "--no-progress", "-o", str(output)])
+    main(["fit", "--n", "300", "--epochs", "1", "--num-layers", "1", "--no-progress", "-o", str(output)])
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((4, 3)))
     assert main(["score", str(output), str(wide)]) == 2
@@ -66,25 +88,51 @@ def test_score_refuses_a_file_of_the_wrong_width(tmp_path, capsys):
 
 
 def test_vae_trains_on_binarised_digits_reports_and_saves(tmp_path, capsys):
-    from pyro_nflows.vae import load_vae
+    from pyro_nflows.vae import VAE
 
     output = tmp_path / "vae.pt"
-    argv = ["vae", "--posterior", "householder:2", "--z-dim", "4", "--hidden", "16", "--epochs", "2", "--warmup", "1"]
-    assert main(argv + ["--samples", "20", "--no-progress", "-o", str(output)]) == 0
+    argv = [
+        "vae",
+        "--posterior",
+        "householder:2",
+        "--z-dim",
+        "4",
+        "--hidden-dims",
+        "16",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+    ]
+    assert main(argv + ["--num-samples", "20", "--no-progress", "-o", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "binarised digits (threshold), 8 x 8: train 1437, validation 180, test 180" in printed
     assert "test ELBO per point" in printed and "test NLL per point (20 importance samples)" in printed
-    vae = load_vae(output)
+    vae = VAE.load(output)
     assert vae.config["posterior"] == "householder:2" and vae.config["hidden_dims"] == [16]
 
 
 def test_vae_on_mnist_idx_files_and_errors(tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 256, size=(12, 28, 28), dtype=np.uint8)
     for name, rows in [("train-images-idx3-ubyte", images), ("t10k-images-idx3-ubyte", images[:4])]:
-        (tmp_path / name).write_bytes(bytes([0, 0, 8, 3]) + np.array(rows.shape, dtype=">u4").tobytes() + rows.tobytes())
+        (tmp_path / name).write_bytes(
+            bytes([0, 0, 8, 3]) + np.array(rows.shape, dtype=">u4").tobytes() + rows.tobytes()
+        )
     output = tmp_path / "mnist.pt"
-    argv = ["vae", "--dataset", "mnist", "--data-dir", str(tmp_path), "--posterior", "gaussian", "--z-dim", "2", "--hidden", "8"]
-    assert main(argv + ["--epochs", "1", "--samples", "5", "--no-progress", "-o", str(output)]) == 0
+    argv = [
+        "vae",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path),
+        "--posterior",
+        "gaussian",
+        "--z-dim",
+        "2",
+        "--hidden-dims",
+        "8",
+    ]
+    assert main(argv + ["--epochs", "1", "--num-samples", "5", "--no-progress", "-o", str(output)]) == 0
     assert "binarised MNIST (threshold), 28 x 28: train 10, validation 2, test 4" in capsys.readouterr().out
     assert output.exists()
     assert main(["vae", "--dataset", "mnist", "--no-progress"]) == 2

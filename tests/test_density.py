@@ -5,7 +5,6 @@ from pyro_nflows import datasets
 from pyro_nflows.density import DensityModel, check_data, fit, load
 from pyro_nflows.registry import build_flow
 
-
 # The Gaussian the fit tests draw from: x = MEAN + MIXING @ noise.
 MIXING = torch.tensor([[2.0, 0.0], [1.5, 0.5]])
 MEAN = torch.tensor([10.0, -3.0])
@@ -66,7 +65,9 @@ def test_load_refuses_other_files(tmp_path):
     DensityModel(2, num_layers=1).save(path)
     payload = torch.load(path, weights_only=True)
     torch.save({**payload, "format": 1}, path)
-    with pytest.raises(ValueError, match="has format 1; this version reads 5 .*CHANGELOG.md.*fit or train the model again"):
+    with pytest.raises(
+        ValueError, match="has format 1; this version reads 5 .*CHANGELOG.md.*fit or train the model again"
+    ):
         load(path)
 
 
@@ -91,7 +92,7 @@ def test_divergence_stops_with_a_warning_and_keeps_the_best_model(monkeypatch):
         return result if calls["count"] < 12 or not self.training else result * float("nan")
 
     monkeypatch.setattr(DensityModel, "log_prob", diverging)
-    with pytest.warns(RuntimeWarning, match="loss became nan.*returning the best model so far"):
+    with pytest.warns(RuntimeWarning, match="loss became nan.*restoring the best weights so far"):
         model = fit(data, num_layers=1, epochs=50, seed=0, progress=False)
     monkeypatch.undo()
     assert "diverged" in model.history.stopped
@@ -102,7 +103,10 @@ def test_divergence_stops_with_a_warning_and_keeps_the_best_model(monkeypatch):
 @pytest.mark.parametrize(
     "data, message",
     [
-        (torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [1.0, float("inf")]] + [[3.0, 4.0], [5.0, 7.0]] * 4), r"NaN or infinite values in 2 rows \(first rows: \[1, 2\]\) and columns \[0, 1\]"),
+        (
+            torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [1.0, float("inf")]] + [[3.0, 4.0], [5.0, 7.0]] * 4),
+            r"NaN or infinite values in 2 rows \(first rows: \[1, 2\]\) and columns \[0, 1\]",
+        ),
         (torch.stack([torch.randn(20), torch.full((20,), 3.0)], 1), r"constant columns \[1\]"),
         (torch.randn(1, 2), "at least 2 rows"),
         (torch.randn(10), "2-D array"),
@@ -117,7 +121,13 @@ def test_bad_data_is_named(data, message):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"validation_fraction": 1.5}, "validation_fraction"), ({"num_layers": 0}, "num_layers"), ({"flow": "nope"}, "unknown flow")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"validation_fraction": 1.5}, "validation_fraction"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"flow": "nope"}, "unknown flow"),
+    ],
 )
 def test_bad_hyper_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -7,10 +7,9 @@ import pyro
 import pyro.optim
 import pytest
 import torch
+from checks import check_transform
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
-
-from checks import check_transform
 
 from pyro_nflows.transforms import conditional_convex_triangular_linear, conditional_sylvester
 from pyro_nflows.vae import (
@@ -18,7 +17,7 @@ from pyro_nflows.vae import (
     available_posteriors,
     build_posterior,
     estimate_nll,
-    load_vae,
+    load,
     parse_posterior,
     train_vae,
     warmup_factor,
@@ -260,7 +259,7 @@ def test_bad_arguments_and_data_are_refused():
         (dict(warmup_epochs=-1), "warmup_epochs"),
         (dict(patience=0), "patience"),
         (dict(clip_norm=0.0), "clip_norm"),
-        (dict(valid_samples=0), "valid_samples"),
+        (dict(validation_samples=0), "validation_samples"),
     ]:
         with pytest.raises(ValueError, match=message):
             train_vae(vae, good, good, progress=False, **kwargs)
@@ -272,7 +271,7 @@ def test_save_and_load_round_trip(tmp_path):
     vae = moved(VAE(X_DIM, Z_DIM, "sylvester:2(kind='triangular')", hidden_dims=HIDDEN))
     path = tmp_path / "vae.pt"
     vae.save(path)
-    loaded = load_vae(path)
+    loaded = load(path)
     assert loaded.config == vae.config
     x = binary_data(6)
     assert torch.equal(
@@ -281,7 +280,7 @@ def test_save_and_load_round_trip(tmp_path):
     )
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a model saved by VAE.save"):
-        load_vae(tmp_path / "other.pt")
+        load(tmp_path / "other.pt")
 
 
 # --------------------------------------------------------------------------
@@ -310,7 +309,9 @@ def linear_gaussian_vae(exact_posterior, seed=0):
         vae.encoder.log_var.bias.copy_(posterior_var.log())
         if not exact_posterior:
             moved(vae.encoder, scale=0.3, seed=seed + 1)
-    marginal = torch.distributions.MultivariateNormal(bias, weight @ weight.T + sigma**2 * torch.eye(x_dim, dtype=torch.float64))
+    marginal = torch.distributions.MultivariateNormal(
+        bias, weight @ weight.T + sigma**2 * torch.eye(x_dim, dtype=torch.float64)
+    )
     data = marginal.sample((20,))
     return vae, data, -marginal.log_prob(data)
 
@@ -368,13 +369,15 @@ def test_warmup_factor_schedule():
 def test_training_improves_the_elbo_with_warmup():
     torch.manual_seed(0)
     vae = VAE(X_DIM, Z_DIM, "householder:2", hidden_dims=HIDDEN)
-    train, valid = binary_data(200, seed=1), binary_data(50, seed=2)
-    before = -estimate_nll(vae, valid, num_samples=50, seed=0)
-    history = train_vae(vae, train, valid, epochs=8, batch_size=25, lr=1e-2, warmup_epochs=4, patience=8, seed=0, progress=False)
+    train, validation = binary_data(200, seed=1), binary_data(50, seed=2)
+    before = -estimate_nll(vae, validation, num_samples=50, seed=0)
+    history = train_vae(
+        vae, train, validation, epochs=8, batch_size=25, lr=1e-2, warmup_epochs=4, patience=8, seed=0, progress=False
+    )
     assert history.beta == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
-    assert len(history.train_elbo) == len(history.valid_elbo) == 8
+    assert len(history.train) == len(history.validation) == 8
     assert history.stopped == "ran all 8 epochs"
-    assert -estimate_nll(vae, valid, num_samples=50, seed=0) > before + 1.0
+    assert -estimate_nll(vae, validation, num_samples=50, seed=0) > before + 1.0
     assert vae.history is history and not vae.training
 
 
@@ -405,7 +408,7 @@ def test_early_stopping_restores_the_best_weights_and_waits_for_the_warmup(monke
     states = scripted_validation(monkeypatch, [-5.0, -6.0, -7.0, -4.0, -4.5, -4.2, -1.0])
     history = train_vae(vae, x, x, epochs=7, warmup_epochs=3, patience=2, progress=False)
     assert history.best_epoch == 3
-    assert history.stopped.startswith("early stop") and len(history.valid_elbo) == 6
+    assert history.stopped.startswith("early stop") and len(history.validation) == 6
     assert same_weights(vae, states[3]) and not same_weights(vae, states[5])
 
 
@@ -422,7 +425,7 @@ def test_divergence_keeps_the_best_weights(monkeypatch):
     with pytest.warns(RuntimeWarning, match="training loss became nan in epoch 3"):
         history = train_vae(vae, x, x, epochs=3, warmup_epochs=0, progress=False)
     assert history.stopped.startswith("diverged") and history.best_epoch == 0
-    assert history.valid_elbo == [-3.0, -4.0]
+    assert history.validation == [-3.0, -4.0]
     assert same_weights(vae, states[0]) and torch.isfinite(vae.decoder.out.bias).all()
 
 

@@ -37,7 +37,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_nflows import datasets
-from pyro_nflows.vae import VAE, available_posteriors, estimate_nll, load_vae, train_vae
+from pyro_nflows.vae import VAE, available_posteriors, estimate_nll, train_vae
 
 smoke_test = "CI" in os.environ
 epochs, warmup_epochs, patience = (2, 1, 2) if smoke_test else (300, 50, 30)
@@ -99,7 +99,7 @@ for spec in posteriors:
         vae, train, validation, epochs=epochs, warmup_epochs=warmup_epochs, patience=patience, seed=0, progress=False
     )
     size = sum(p.numel() for p in vae.parameters())
-    print(f"{spec:<20} {size:>7} parameters; best validation ELBO {max(history.valid_elbo):.2f} "
+    print(f"{spec:<20} {size:>7} parameters; best validation ELBO {max(history.validation):.2f} "
           f"at epoch {history.best_epoch + 1}; {history.stopped}")
 
 # %% [markdown]
@@ -175,7 +175,7 @@ print(f"Pyro: -ELBO {pyro_loss / len(test):.3f} per image; vae.elbo: {-elbo:.3f}
 #
 # `vae.sample(n)` decodes $n$ draws from the prior (pixel probabilities).
 # `save` writes the configuration as JSON and the weights as tensors;
-# `load_vae` reads them back with `torch.load(weights_only=True)` (nothing
+# `VAE.load` (or `pyro_nflows.vae.load`) reads them back with `torch.load(weights_only=True)` (nothing
 # is unpickled), and the reloaded model gives the same estimate.
 
 # %%
@@ -189,7 +189,7 @@ figure.savefig(workdir / "vae_samples.png")
 print("figure written to", workdir / "vae_samples.png")
 
 vae.save(workdir / "digits_vae.pt")
-reloaded = load_vae(workdir / "digits_vae.pt")
+reloaded = VAE.load(workdir / "digits_vae.pt")
 print(reloaded.config)
 same = estimate_nll(reloaded, test, num_samples=nll_samples, seed=0)
 assert abs(same - estimate_nll(vae, test, num_samples=nll_samples, seed=0)) < 1e-4

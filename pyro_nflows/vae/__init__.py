@@ -13,7 +13,7 @@ Modules: :mod:`~pyro_nflows.vae.networks` (gated encoder and decoder),
 (training and likelihood estimation).
 """
 
-from pyro_nflows.vae.model import LIKELIHOODS, VAE, load_vae
+from pyro_nflows.vae.model import LIKELIHOODS, VAE, load
 from pyro_nflows.vae.networks import Decoder, Encoder, GatedLinear, GatedMLP
 from pyro_nflows.vae.posteriors import POSTERIORS, available_posteriors, build_posterior, parse_posterior
 from pyro_nflows.vae.train import VAEHistory, estimate_nll, train_vae, warmup_factor
@@ -30,7 +30,7 @@ __all__ = [
     "available_posteriors",
     "build_posterior",
     "estimate_nll",
-    "load_vae",
+    "load",
     "parse_posterior",
     "train_vae",
     "warmup_factor",

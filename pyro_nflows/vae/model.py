@@ -40,11 +40,11 @@ from pyro import poutine
 from torch import nn
 
 from pyro_nflows.saving import read_model, write_model
-from pyro_nflows.validation import check_count, check_event, check_rows
 from pyro_nflows.vae.networks import Decoder, Encoder
 from pyro_nflows.vae.posteriors import ConditionedPosterior, build_posterior
+from pyro_nflows.validation import check_count, check_event, check_rows
 
-__all__ = ["LIKELIHOODS", "VAE", "load_vae"]
+__all__ = ["LIKELIHOODS", "VAE", "load"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 _names = itertools.count()
@@ -205,6 +205,6 @@ class VAE(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
 
 
-def load_vae(path: str | Path, map_location: str | torch.device | None = "cpu") -> VAE:
+def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> VAE:
     """Restore a :class:`VAE` written by :meth:`VAE.save`."""
     return VAE.load(path, map_location=map_location)

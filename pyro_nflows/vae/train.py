@@ -1,6 +1,7 @@
 r"""Training a :class:`~pyro_nflows.vae.VAE` and estimating its likelihood.
 
-**Training** (:func:`train_vae`) maximises the ELBO with Pyro's
+**Training** (:func:`train_vae`, on the epoch loop of
+:mod:`pyro_nflows.training`) maximises the ELBO with Pyro's
 ``Trace_ELBO`` over ``vae.model`` / ``vae.guide`` (its
 ``differentiable_loss``, stepped by a torch Adam over ``vae.parameters()``:
 the same estimator as ``SVI(vae.model, vae.guide, Adam, Trace_ELBO())``, but
@@ -13,7 +14,7 @@ KL term by
 
 for ``warmup_epochs`` :math:`= W` (:func:`warmup_factor`); the validation
 ELBO is always the true one (:math:`\beta = 1`), estimated with
-``valid_samples`` draws per point, the same draws every epoch. Early stopping
+``validation_samples`` draws per point, the same draws every epoch. Early stopping
 as in Tomczak & Welling's code [2]: the best validation ELBO's weights are
 kept, and the patience counter only counts epochs trained at
 :math:`\beta = 1`.
@@ -41,18 +42,16 @@ References:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from pyro.infer import Trace_ELBO
-from torch import nn
-from tqdm.auto import tqdm
 
-from pyro_nflows.validation import check_count, check_positive
+from pyro_nflows.training import EpochLoop, History, check_loss, gradient_step
 from pyro_nflows.vae.model import VAE
+from pyro_nflows.validation import check_count, check_positive
 
 __all__ = ["VAEHistory", "estimate_nll", "train_vae", "warmup_factor"]
 
@@ -75,16 +74,14 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
 
 
 @dataclass
-class VAEHistory:
-    """What :func:`train_vae` saw, per epoch: the training objective (the
-    :math:`\\beta`-ELBO per point, averaged over the epoch's batches), the
-    validation ELBO per point, and :math:`\\beta`."""
+class VAEHistory(History):
+    """What :func:`train_vae` saw, per epoch: ``train``, the training objective
+    (the :math:`\beta`-ELBO per point, averaged over the epoch's batches),
+    ``validation``, the validation ELBO per point, and ``beta``, :math:`\beta`;
+    with the best epoch and why training stopped (see
+    :class:`~pyro_nflows.training.History`)."""
 
-    train_elbo: list[float] = field(default_factory=list)
-    valid_elbo: list[float] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-    stopped: str = ""
 
 
 @torch.no_grad()
@@ -95,25 +92,50 @@ def _mean_elbo(vae: VAE, data: torch.Tensor, batch_size: int, num_samples: int) 
     return total / len(data)
 
 
+def _train_epoch(vae: VAE, data: torch.Tensor, optimizer, epoch: int, beta: float, batch_size: int, clip_norm) -> float:
+    """One pass over ``data`` in random batches; the mean :math:`\beta`-ELBO per point."""
+    loss_of = Trace_ELBO().differentiable_loss
+    vae.train()
+    total = 0.0
+    for rows in torch.randperm(len(data)).split(batch_size):
+        with warnings.catch_warnings():  # Pyro's NaN warnings: check_loss says more
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            loss = loss_of(vae.model, vae.guide, data[rows], beta) / len(rows)
+        check_loss(loss.item(), epoch)
+        gradient_step(loss, optimizer, vae.parameters(), clip_norm)
+        total -= loss.item() * len(rows)
+    return total / len(data)
+
+
+def _check_settings(epochs, batch_size, lr, warmup_epochs, patience, clip_norm, validation_samples) -> None:
+    for name, value in [("epochs", epochs), ("batch_size", batch_size), ("patience", patience)]:
+        check_count(name, value)
+    check_count("validation_samples", validation_samples)
+    check_count("warmup_epochs", warmup_epochs, minimum=0)
+    check_positive("lr", lr)
+    if clip_norm is not None:
+        check_positive("clip_norm", clip_norm)
+
+
 def train_vae(
     vae: VAE,
-    train,
-    valid,
+    data,
+    validation_data,
     epochs: int = 100,
     batch_size: int = 100,
     lr: float = 1e-3,
     warmup_epochs: int = 10,
     patience: int = 10,
     clip_norm: float | None = None,
-    valid_samples: int = 10,
+    validation_samples: int = 10,
     seed: int | None = None,
     progress: bool = True,
 ) -> VAEHistory:
     r"""Train ``vae`` in place by maximising the ELBO; return the :class:`VAEHistory`.
 
-    :param train: training data, shape ``(n, x_dim)``.
-    :param valid: validation data for early stopping, shape ``(m, x_dim)``.
-    :param epochs: maximum number of passes over ``train``.
+    :param data: training data, shape ``(n, x_dim)``.
+    :param validation_data: validation data for early stopping, shape ``(m, x_dim)``.
+    :param epochs: maximum number of passes over ``data``.
     :param batch_size: rows per Adam step.
     :param lr: Adam's learning rate.
     :param warmup_epochs: epochs over which the KL weight rises linearly to 1
@@ -121,9 +143,9 @@ def train_vae(
     :param patience: stop after this many epochs at :math:`\beta = 1`
         without a better validation ELBO.
     :param clip_norm: clip the gradient norm at this value (``None``: no clipping).
-    :param valid_samples: draws per point for the validation ELBO (the same
-        draws every epoch): with small validation sets a one-draw estimate is
-        noisy enough to pick the wrong epoch.
+    :param validation_samples: draws per point for the validation ELBO (the
+        same draws every epoch): with small validation sets a one-draw
+        estimate is noisy enough to pick the wrong epoch.
     :param seed: seeds torch's global generator (shuffling and the ELBO's
         draws); the model's initialisation happened when it was built.
     :param progress: show a progress bar with the train and validation ELBO.
@@ -139,67 +161,26 @@ def train_vae(
     """
     if not isinstance(vae, VAE):
         raise ValueError(f"train_vae trains a pyro_nflows.vae.VAE, got {type(vae).__name__}")
-    train = vae.check_data(train, "train")
-    valid = vae.check_data(valid, "valid")
-    for name, value in [("epochs", epochs), ("batch_size", batch_size), ("patience", patience), ("valid_samples", valid_samples)]:
-        check_count(name, value)
-    check_count("warmup_epochs", warmup_epochs, minimum=0)
-    check_positive("lr", lr)
-    if clip_norm is not None:
-        check_positive("clip_norm", clip_norm)
+    data = vae.check_data(data, "data")
+    validation_data = vae.check_data(validation_data, "validation_data")
+    _check_settings(epochs, batch_size, lr, warmup_epochs, patience, clip_norm, validation_samples)
     if seed is not None:
         torch.manual_seed(seed)
-
-    loss_of = Trace_ELBO().differentiable_loss
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    history = VAEHistory()
-    best_state, best_value, waited = copy.deepcopy(vae.state_dict()), -math.inf, 0
-    bar = tqdm(desc=f"vae ({vae.config['posterior']})", total=epochs, unit="epoch", disable=not progress)
-    try:
-        for epoch in range(epochs):
+    label = f"vae ({vae.config['posterior']})"
+    loop = EpochLoop(vae, epochs, patience, metric="validation ELBO", name="train_vae", history=VAEHistory(),
+                     label=label, progress=progress)
+    validation_batch = max(1, 4 * batch_size // validation_samples)
+    with loop:
+        for epoch in loop:
             beta = warmup_factor(epoch, warmup_epochs)
-            vae.train()
-            total = 0.0
-            for rows in torch.randperm(len(train)).split(batch_size):
-                with warnings.catch_warnings():  # Pyro's NaN warnings: ours below says more
-                    warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-                    loss = loss_of(vae.model, vae.guide, train[rows], beta) / len(rows)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {loss.item()} in epoch {epoch + 1}")
-                optimizer.zero_grad()
-                loss.backward()
-                if clip_norm is not None:
-                    nn.utils.clip_grad_norm_(vae.parameters(), clip_norm)
-                optimizer.step()
-                total -= loss.item() * len(rows)
+            train = _train_epoch(vae, data, optimizer, epoch, beta, batch_size, clip_norm)
             vae.eval()
-            history.train_elbo.append(total / len(train))
-            history.valid_elbo.append(_mean_elbo(vae, valid, max(1, 4 * batch_size // valid_samples), valid_samples))
-            history.beta.append(beta)
-            if history.valid_elbo[-1] > best_value:
-                best_value, history.best_epoch, waited = history.valid_elbo[-1], epoch, 0
-                best_state = copy.deepcopy(vae.state_dict())
-            elif epoch + 1 >= warmup_epochs:
-                waited += 1
-            bar.set_postfix(beta=f"{beta:.2f}", train=f"{history.train_elbo[-1]:.2f}", valid=f"{history.valid_elbo[-1]:.2f}", best=f"{best_value:.2f}")
-            bar.update()
-            if waited >= patience:
-                history.stopped = f"early stop: no better validation ELBO for {patience} epochs"
-                break
-        else:
-            history.stopped = f"ran all {epochs} epochs"
-    except KeyboardInterrupt:
-        history.stopped = "interrupted"
-        warnings.warn("train_vae interrupted: keeping the best weights so far", RuntimeWarning, stacklevel=2)
-    except FloatingPointError as error:
-        history.stopped = f"diverged: {error}"
-        warnings.warn(f"train_vae stopped: {error}; keeping the best weights so far", RuntimeWarning, stacklevel=2)
-    finally:
-        bar.close()
-    vae.load_state_dict(best_state)
-    vae.eval()
-    vae.history = history
-    return history
+            validation = _mean_elbo(vae, validation_data, validation_batch, validation_samples)
+            loop.history.beta.append(beta)
+            loop.record(epoch, train, validation, patient=epoch + 1 >= warmup_epochs, beta=beta)
+    vae.history = loop.history
+    return loop.history
 
 
 @torch.no_grad()
