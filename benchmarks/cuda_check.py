@@ -43,10 +43,10 @@ import torch  # noqa: E402
 
 from pyro_nflows import datasets  # noqa: E402
 from pyro_nflows.density import fit, load  # noqa: E402
+from pyro_nflows.nn import MADE  # noqa: E402
 from pyro_nflows.registry import FLOWS  # noqa: E402
 from pyro_nflows.transforms.autoregressive import maf  # noqa: E402
 from pyro_nflows.transforms.maps import AffineMap  # noqa: E402
-from pyro_nflows.nn import MADE  # noqa: E402
 
 INPUT_DIM, CONTEXT_DIM, BATCH = 5, 3, 7
 CUDA = torch.device("cuda")

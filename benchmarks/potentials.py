@@ -272,7 +272,9 @@ def inverse_cost(fit_result: Fit, args) -> list[str]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, small batches, fewer samples")
     parser.add_argument("--specs", nargs="+", default=None, help="flow specs to fit (default: the table's)")
     parser.add_argument("--filter", default=None, help="only specs containing this text")
@@ -280,7 +282,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 512; quick 256)")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of steps over which beta rises to 1")
-    parser.add_argument("--eval-samples", type=int, default=None, help="samples for the KL (default 100000; quick 20000)")
+    parser.add_argument(
+        "--eval-samples", type=int, default=None, help="samples for the KL (default 100000; quick 20000)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; quick 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")

@@ -94,7 +94,11 @@ class Guide:
 GUIDES = [
     Guide("AutoNormal", lambda m, s: AutoNormal(m, init_scale=s), False),
     Guide("AutoMultivariateNormal", lambda m, s: AutoMultivariateNormal(m, init_scale=s), False),
-    Guide("AutoIAFNormal (pyro, 2 x [64, 64])", lambda m, s: AutoIAFNormal(m, hidden_dim=[64, 64], num_transforms=2), False),
+    Guide(
+        "AutoIAFNormal (pyro, 2 x [64, 64])",
+        lambda m, s: AutoIAFNormal(m, hidden_dim=[64, 64], num_transforms=2),
+        False,
+    ),
     Guide("AutoHouseholder", lambda m, s: AutoHouseholder(m, init_scale=s), True),
     Guide("AutoConvexTriangular", lambda m, s: AutoConvexTriangular(m, init_scale=s), True),
     Guide("AutoPlanar (8)", lambda m, s: AutoPlanar(m, num_transforms=8, init_scale=s), True),
@@ -240,8 +244,10 @@ def main(argv=None) -> int:
         best, result = max(ours, key=lambda row: row[1]["elbo"])
         sd_error = abs(result["sd_y"] - 3.0) / 3.0
         verdict = "PASS" if result["elbo"] >= TARGET_ELBO and sd_error <= TARGET_SD_Y else "FAIL"
-        print(f"\nbest of ours: {best.name}: funnel ELBO {result['elbo']:.3f} (target >= {TARGET_ELBO}), "
-              f"sd(y) {result['sd_y']:.2f} ({100 * sd_error:.0f}% off 3; target <= {100 * TARGET_SD_Y:.0f}%): {verdict}")
+        print(
+            f"\nbest of ours: {best.name}: funnel ELBO {result['elbo']:.3f} (target >= {TARGET_ELBO}), "
+            f"sd(y) {result['sd_y']:.2f} ({100 * sd_error:.0f}% off 3; target <= {100 * TARGET_SD_Y:.0f}%): {verdict}"
+        )
     return 0
 
 

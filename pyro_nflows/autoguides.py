@@ -455,7 +455,9 @@ class AutoFlow(AutoContinuous):
         """Posterior median of every latent site, ``{name: tensor of the site's
         shape}``: :meth:`quantiles` at 0.5 (exact for affine flows, from
         ``num_samples`` posterior draws otherwise; same rules for supports)."""
-        return {name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
+        return {
+            name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -546,7 +548,9 @@ class AutoIAF(AutoFlow):
         check_count("num_transforms", num_transforms)
         if hidden_dims is not None:
             hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
-        flow = functools.partial(_registry_flow, "iaf", num_transforms, {"hidden_dims": hidden_dims, "stable": bool(stable)})
+        flow = functools.partial(
+            _registry_flow, "iaf", num_transforms, {"hidden_dims": hidden_dims, "stable": bool(stable)}
+        )
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.num_transforms = num_transforms
         self.hidden_dims = hidden_dims

@@ -40,7 +40,16 @@ from pyro_nflows.transforms import (
 )
 from pyro_nflows.validation import check_count, check_input_dim
 
-__all__ = ["ALIASES", "FLOWS", "Alternation", "FlowEntry", "available_flows", "build_flow", "canonical_name", "parse_spec"]
+__all__ = [
+    "ALIASES",
+    "FLOWS",
+    "Alternation",
+    "FlowEntry",
+    "available_flows",
+    "build_flow",
+    "canonical_name",
+    "parse_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,8 @@ FLOWS: dict[str, FlowEntry] = {
             "maf",
             autoregressive.maf,
             autoregressive.conditional_maf,
-            "masked autoregressive flow (affine): one-pass scoring, fast sequential sampling; layers alternate ordering",
+            "masked autoregressive flow (affine): one-pass scoring, fast sequential sampling; "
+            "layers alternate ordering",
             alternate=_ALTERNATE_ORDERINGS,
         ),
         FlowEntry(

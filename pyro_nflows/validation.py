@@ -85,7 +85,9 @@ def check_finite(value: torch.Tensor, who: str, what: str = "input") -> None:
         )
 
 
-def check_rows(data, name: str, columns: int | None = None, min_rows: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+def check_rows(
+    data, name: str, columns: int | None = None, min_rows: int = 1, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``data`` (a tensor or array of rows) as a floating tensor of shape
     ``(rows, columns)``, or ``ValueError`` naming the fault: the wrong number
     of dimensions or columns, NaN or infinite entries (the first rows and the

@@ -69,7 +69,10 @@ GUIDES = {
     "AutoHouseholder": (lambda m, **o: AutoHouseholder(m, count_transforms=3, **o), 2 + 1),
     "AutoIAF": (lambda m, **o: AutoIAF(m, num_transforms=2, hidden_dims=[16, 16], **o), 2 + 2 * 6),
     "AutoSylvester-orthogonal": (lambda m, **o: AutoSylvester(m, kind="orthogonal", num_transforms=2, **o), 2 + 2 * 6),
-    "AutoSylvester-householder": (lambda m, **o: AutoSylvester(m, kind="householder", num_transforms=2, **o), 2 + 2 * 6),
+    "AutoSylvester-householder": (
+        lambda m, **o: AutoSylvester(m, kind="householder", num_transforms=2, **o),
+        2 + 2 * 6,
+    ),
     "AutoSylvester-triangular": (lambda m, **o: AutoSylvester(m, kind="triangular", num_transforms=2, **o), 2 + 2 * 5),
     "AutoPlanar": (lambda m, **o: AutoPlanar(m, num_transforms=3, **o), 2 + 3 * 3),
     "AutoConvexTriangular": (lambda m, **o: AutoConvexTriangular(m, count_matrices=2, **o), 2 + 2),
@@ -84,7 +87,9 @@ def fresh_param_store():
     pyro.clear_param_store()
 
 
-def train(model, guide, steps: int, *args, lr: float = 0.01, particles: int = 4, elbo=None, lrd: float = 1.0) -> list[float]:
+def train(
+    model, guide, steps: int, *args, lr: float = 0.01, particles: int = 4, elbo=None, lrd: float = 1.0
+) -> list[float]:
     elbo = elbo or Trace_ELBO(num_particles=particles, vectorize_particles=True)
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr, "lrd": lrd}), elbo)
     return [svi.step(*args) for _ in range(steps)]
@@ -199,7 +204,9 @@ def test_state_dict_and_param_store_round_trips(name, tmp_path):
     train(mixed, loaded, 2, DATA)
     after = list(pyro.get_param_store().values())
     assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after))
-    assert {id(p) for p in loaded.parameters()} == {id(pyro.get_param_store()[n].unconstrained()) for n in pyro.get_param_store().keys()}
+    assert {id(p) for p in loaded.parameters()} == {
+        id(pyro.get_param_store()[n].unconstrained()) for n in pyro.get_param_store().keys()
+    }
 
 
 @pytest.mark.parametrize("name", list(GUIDES))

@@ -29,7 +29,6 @@ from pyro_nflows.transforms import (
 )
 from pyro_nflows.transforms.splines import rational_quadratic_spline
 
-
 pytestmark = pytest.mark.usefixtures("float64")
 
 KINDS = {

@@ -272,7 +272,9 @@ def test_load_mnist_reads_plain_and_gzipped_files_in_either_layout(tmp_path):
     x = load_mnist(tmp_path)
     assert x.shape == (5, 784) and x.dtype == torch.float32
     assert torch.allclose(x, torch.as_tensor(train.reshape(5, -1) / 255.0, dtype=torch.float32))
-    assert torch.equal(load_mnist(tmp_path, "test", binarize="threshold"), torch.as_tensor(test.reshape(3, -1) >= 128).float())
+    assert torch.equal(
+        load_mnist(tmp_path, "test", binarize="threshold"), torch.as_tensor(test.reshape(3, -1) >= 128).float()
+    )
     drawn = load_mnist(tmp_path, "test", binarize="stochastic", seed=0)
     assert torch.equal(drawn, load_mnist(tmp_path, "test", binarize="stochastic", seed=0))
     assert set(drawn.unique().tolist()) <= {0.0, 1.0}

@@ -20,7 +20,6 @@ from pyro_nflows.transforms import (
 )
 from pyro_nflows.transforms.matrices import reflect
 
-
 pytestmark = pytest.mark.usefixtures("float64")
 
 def _explicit_product(vectors):
@@ -126,7 +125,9 @@ def test_bad_hyper_parameters_raise(make, message):
 
 
 def test_wrong_event_size_names_expected_and_given():
-    with pytest.raises(ValueError, match=r"Householder expects inputs whose last dimension is 4, got a tensor of shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"Householder expects inputs whose last dimension is 4, got a tensor of shape \(2, 5\)"
+    ):
         householder(4)(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"ConditionalHouseholder expects contexts whose last dimension is 3"):
         conditional_householder(4, 3).condition(torch.randn(2, 2))

@@ -22,7 +22,12 @@ def test_solves_many_monotone_equations_to_tolerance():
 
 def test_raises_instead_of_returning_a_wrong_answer():
     with pytest.raises(InverseNotConverged, match="did not converge in 3 iterations"):
-        monotone_root(lambda t: (t**3 - 2, 3 * t**2), torch.tensor([-10.0], dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64), max_iterations=3)
+        monotone_root(
+            lambda t: (t**3 - 2, 3 * t**2),
+            torch.tensor([-10.0], dtype=torch.float64),
+            torch.tensor([10.0], dtype=torch.float64),
+            max_iterations=3,
+        )
 
 
 def test_an_exact_root_is_kept():

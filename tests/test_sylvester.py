@@ -18,8 +18,8 @@ from pyro_nflows.transforms import (
     conditional_sylvester,
     sylvester,
 )
-from pyro_nflows.transforms.roots import InverseNotConverged, monotone_root
 from pyro_nflows.transforms import sylvester_flow as MODULE
+from pyro_nflows.transforms.roots import InverseNotConverged, monotone_root
 from pyro_nflows.transforms.sylvester_flow import KINDS, OrthogonalisationNotConverged, orthogonalise
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -337,15 +337,24 @@ def test_stacks_from_the_registry_invert():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: sylvester(4, kind="planar"), r"unknown Sylvester kind 'planar'; known kinds: 'orthogonal', 'householder', 'triangular'"),
-        (lambda: sylvester(4, count_ortho_vectors=0), r"count_ortho_vectors must be an integer in 1..input_dim = 1..4, got 0"),
+        (
+            lambda: sylvester(4, kind="planar"),
+            r"unknown Sylvester kind 'planar'; known kinds: 'orthogonal', 'householder', 'triangular'",
+        ),
+        (
+            lambda: sylvester(4, count_ortho_vectors=0),
+            r"count_ortho_vectors must be an integer in 1..input_dim = 1..4, got 0",
+        ),
         (lambda: sylvester(4, count_ortho_vectors=5), r"count_ortho_vectors .* got 5"),
         (lambda: sylvester(4, count_ortho_vectors=2.0), r"count_ortho_vectors .* got 2.0"),
         (lambda: sylvester(4, kind="householder", reverse=True), r"reverse=True applies only to kind='triangular'"),
         (lambda: sylvester(4, reverse=True), r"reverse=True applies only to kind='triangular'.*'orthogonal'"),
         (lambda: sylvester(4, kind="triangular", reverse="yes"), r"reverse must be True or False"),
         (lambda: sylvester(4, kind="householder", count_transforms=0), r"count_transforms"),
-        (lambda: sylvester(4, kind="triangular", count_ortho_vectors=2), r"count_ortho_vectors applies only to kind='orthogonal'"),
+        (
+            lambda: sylvester(4, kind="triangular", count_ortho_vectors=2),
+            r"count_ortho_vectors applies only to kind='orthogonal'",
+        ),
         (lambda: sylvester(4, count_transforms=2), r"count_transforms applies only to kind='householder'"),
         (lambda: sylvester(0), r"input_dim"),
         (lambda: conditional_sylvester(4, 2, kind="Householder"), r"unknown Sylvester kind 'Householder'"),

@@ -45,7 +45,8 @@ from pyro_nflows.validation import check_count, check_event, check_positive
 
 __all__ = ["MADE"]
 
-# Up to this many points, the in-place sequential path runs on one thread.
+# Up to this many points, the in-place sequential path runs on one thread
+# (measured: benchmarks/README.md#one-thread-sampling).
 SINGLE_THREAD_MAX_POINTS = 4096
 
 
@@ -55,13 +56,11 @@ def _one_thread_for_small_batches(count: int) -> Iterator[None]:
     runs on at most ``SINGLE_THREAD_MAX_POINTS`` points, restored after.
 
     Each step's matrix products are small (a block of a few hidden units by
-    ``count`` points), so a second thread costs more in hand-over than it
-    saves. Measured, 5 MAF layers sampling 1024 points on a 2-core machine:
-    D=16 hidden (64, 64) 4.02 ms on one thread vs 4.44 on two, D=64 hidden
-    (256, 256) 8.44 vs 8.87; at 4096 points still 10.0 vs 10.3 (D=16) and
-    104.6 vs 106.2 (D=64); at 16384 points (D=16) two threads are ahead,
-    32.4 vs 33.5 ms. The setting is process-wide, so torch work running
-    meanwhile in another Python thread also gets one thread for that time.
+    ``count`` points), so up to a few thousand points a second thread costs
+    more in hand-over than it saves (measured:
+    benchmarks/README.md#one-thread-sampling). The setting is process-wide,
+    so torch work running meanwhile in another Python thread also gets one
+    thread for that time.
     """
     threads = torch.get_num_threads()
     if threads == 1 or count > SINGLE_THREAD_MAX_POINTS:
@@ -234,8 +233,8 @@ class MADE(nn.Module):
         term = self._context_term(context, batch)
         context_term = None if term is None else term.reshape(count, -1).mT  # (H1, B)
         if torch.is_grad_enabled():
-            # (D, B), rows in generation order (index_select: plain indexing
-            # costs tens of microseconds more per call)
+            # (D, B), rows in generation order (index_select rather than plain
+            # indexing; measured: benchmarks/README.md#made-invert-steps)
             rows = flat_w.mT.index_select(0, self.order)
             u = self._invert_tracked(rows, step, context_term, self._plan())
         else:
@@ -262,7 +261,9 @@ class MADE(nn.Module):
                 start, end = (ends[k - 1] if k > 0 else 0), ends[k]
                 if end > start:
                     below = k if layer == 0 else self._ends[layer - 1][k]
-                    blocks.append((layer, start, end, below, weights[layer][start:end, :below], biases[layer][start:end]))
+                    blocks.append(
+                        (layer, start, end, below, weights[layer][start:end, :below], biases[layer][start:end])
+                    )
             below = self._ends[-1][k]
             rows = slice(k * self.param_dim, (k + 1) * self.param_dim)
             plan.append((blocks, (below, weights[-1][rows, :below], biases[-1][rows])))
@@ -281,7 +282,15 @@ class MADE(nn.Module):
         steps = []
         for blocks, (below, weight, bias) in self._plan():
             operations = [
-                (layer, start, end, block_weight, block_bias, (inputs if layer == 0 else hidden[layer - 1])[:rows], hidden[layer][start:end])
+                (
+                    layer,
+                    start,
+                    end,
+                    block_weight,
+                    block_bias,
+                    (inputs if layer == 0 else hidden[layer - 1])[:rows],
+                    hidden[layer][start:end],
+                )
                 for layer, start, end, rows, block_weight, block_bias in blocks
             ]
             steps.append((operations, weight, bias, hidden[-1][:below]))
@@ -326,8 +335,8 @@ class MADE(nn.Module):
         def joined(blocks: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(blocks) if blocks else flat_w.new_zeros(0, flat_w.shape[1])
 
-        for k, (blocks, (below, weight, bias)) in enumerate(plan):
-            for layer, start, end, rows, block_weight, block_bias in blocks:
+        for k, (blocks, (_below, weight, bias)) in enumerate(plan):
+            for layer, start, end, _rows, block_weight, block_bias in blocks:
                 source = joined(inputs if layer == 0 else hidden[layer - 1])
                 if layer == 0 and context_term is not None:
                     block_bias = block_bias + context_term[start:end]
@@ -345,7 +354,9 @@ class MADE(nn.Module):
         """The same solution as :meth:`invert` by the naive loop: one full
         network pass per coordinate (what other libraries do)."""
         flat_w = w.reshape(-1, self.input_dim)
-        flat_context = None if context is None else context.expand(w.shape[:-1] + context.shape[-1:]).reshape(flat_w.shape[0], -1)
+        flat_context = (
+            None if context is None else context.expand(w.shape[:-1] + context.shape[-1:]).reshape(flat_w.shape[0], -1)
+        )
         u = torch.zeros_like(flat_w)
         for k in self.order.tolist():
             theta = self.forward(u, flat_context)[:, k, :]

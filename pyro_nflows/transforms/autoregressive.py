@@ -77,12 +77,16 @@ class ConditionedMaskedAutoregressive(FlowTransform):
 
     autoregressive = True
 
-    def __init__(self, made: MADE, elementwise, made_reads: str, context: torch.Tensor | None = None, cache_size: int = 1):
+    def __init__(
+        self, made: MADE, elementwise, made_reads: str, context: torch.Tensor | None = None, cache_size: int = 1
+    ):
         super().__init__(cache_size=cache_size)
         if made_reads not in ("input", "output"):
             raise ValueError(f"made_reads must be 'input' or 'output', got {made_reads!r}")
         if made.param_dim != elementwise.param_dim:
-            raise ValueError(f"the MADE gives {made.param_dim} parameters per coordinate, the map needs {elementwise.param_dim}")
+            raise ValueError(
+                f"the MADE gives {made.param_dim} parameters per coordinate, the map needs {elementwise.param_dim}"
+            )
         self.input_dim = made.input_dim
         self.made = made
         self.elementwise = elementwise
@@ -96,13 +100,17 @@ class ConditionedMaskedAutoregressive(FlowTransform):
         if self.made_reads == "input":
             return self.elementwise.forward(z, self._theta(z))[0]
         step_into = getattr(self.elementwise, "forward_into", None)
-        return self.made.invert(z, lambda z_i, theta_i: self.elementwise.forward(z_i, theta_i)[0], self.context, step_into)
+        return self.made.invert(
+            z, lambda z_i, theta_i: self.elementwise.forward(z_i, theta_i)[0], self.context, step_into
+        )
 
     def _inverse(self, x: torch.Tensor) -> torch.Tensor:
         if self.made_reads == "output":
             return self.elementwise.inverse(x, self._theta(x))[0]
         step_into = getattr(self.elementwise, "inverse_into", None)
-        return self.made.invert(x, lambda x_i, theta_i: self.elementwise.inverse(x_i, theta_i)[0], self.context, step_into)
+        return self.made.invert(
+            x, lambda x_i, theta_i: self.elementwise.inverse(x_i, theta_i)[0], self.context, step_into
+        )
 
     def _one_pass(self, value: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The cheap direction, with its log-determinant from the same pass."""
@@ -204,15 +212,9 @@ def maf(
     so that the spread of the initial log-determinant, a sum of :math:`D`
     random terms, does not grow with the dimension (biases zero either way).
     :func:`~pyro_nflows.density.fit` uses ``False``, as for its couplings
-    (see :mod:`~pyro_nflows.transforms.coupling`). Measured with
-    ``fit(flow="maf")`` (5 layers, 100 epochs, ``benchmarks/density.py``'s
-    data), test NLL with ``True`` minus ``False``, mean ± standard error over
-    seeds 0-9: checkerboard 0.019 ± 0.012 bits, eight_gaussians 0.014 ±
-    0.011 nats (random start better on 9 of 10 seeds), rings 0.064 ± 0.055,
-    two_moons 0.008 ± 0.009, two_spirals 0.008 ± 0.020, digits 0.33 ± 0.26
-    (7 of 10); pinwheel -0.017 ± 0.013 and circles -0.009 ± 0.041. Torch's
-    initialisation undivided (zuko's) loses digits by 1.86 ± 0.26 nats (0 of
-    5 seeds) and pinwheel by 0.023 ± 0.012.
+    (see :mod:`~pyro_nflows.transforms.coupling`), because a density model
+    has no base to stay at and trains better from there (measured:
+    benchmarks/README.md#maf-start).
 
     Example::
 
@@ -225,7 +227,9 @@ def maf(
     return MaskedAutoregressive(input_dim, data_affine_map(), "output", hidden_dims, ordering, identity_init)
 
 
-def iaf(input_dim: int, hidden_dims: Sequence[int] | None = None, stable: bool = False, ordering="natural") -> MaskedAutoregressive:
+def iaf(
+    input_dim: int, hidden_dims: Sequence[int] | None = None, stable: bool = False, ordering="natural"
+) -> MaskedAutoregressive:
     r"""Inverse autoregressive flow [3]: affine, :math:`\theta` from the noise
     side. Sampling and scoring its own samples is one pass; scoring outside
     data is sequential. ``stable=True`` is the gated update
@@ -291,7 +295,9 @@ def conditional_spline_autoregressive(
 ) -> ConditionalMaskedAutoregressive:
     """Autoregressive spline flow whose MADE also reads a context."""
     elementwise = _direction_spline(direction, count_bins, bound)
-    return ConditionalMaskedAutoregressive(input_dim, context_dim, elementwise, _made_reads(direction), hidden_dims, ordering)
+    return ConditionalMaskedAutoregressive(
+        input_dim, context_dim, elementwise, _made_reads(direction), hidden_dims, ordering
+    )
 
 
 def _direction_spline(direction: str, count_bins: int, bound: float) -> SplineMap:

@@ -29,11 +29,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from pyro.distributions.conditional import ConditionalTransformModule
 from torch import nn
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
-
-from pyro.distributions.conditional import ConditionalTransformModule
 
 from pyro_nflows.nn.dense import ContextNet
 from pyro_nflows.nn.widths import default_hidden_dims
@@ -89,7 +88,8 @@ class FlowTransform(Transform):
         submodules (none for a plain transform); an in-place update of any
         parameter changes the tuple. It walks the modules' own dictionaries:
         ``nn.Module.parameters()`` (name prefixes, a set to drop repeats)
-        cost about five times as much, and this runs at every call."""
+        is slower, and this runs at every call (measured:
+        benchmarks/README.md#parameter-versions)."""
         if not isinstance(self, nn.Module):
             return ()
         versions, modules = [], [self]

@@ -59,30 +59,9 @@ instead: torch's default initialisation of that layer, divided by
 of the initial log-determinant (a sum of :math:`t` random terms) does not
 grow with the dimension. A density model has no base to stay at, and
 :func:`~pyro_nflows.density.fit` builds its affine and additive couplings
-that way, because they train better from there. Measured with
-``fit(flow="realnvp")`` (5 affine couplings, actnorm between them, 100
-epochs, 10,000 points of ``benchmarks/density.py``'s toys), test NLL of the
-identity start minus the random one, mean ± standard error over seeds:
-checkerboard 0.039 ± 0.013 bits (random start better on 14 of 20 seeds),
-eight_gaussians 0.020 ± 0.007 nats (15 of 20), circles 0.114 ± 0.044 (9 of
-10), rings 0.067 ± 0.025 (8 of 10), pinwheel 0.017 ± 0.015 (7 of 10);
-two_moons -0.011 ± 0.025 and two_spirals -0.006 ± 0.018 are level (medians
-+0.009 and +0.001). Additive couplings gain too (eight_gaussians 0.087 ±
-0.033 nats, 5 of 5 seeds; checkerboard 0.027 ± 0.026 bits). Spline couplings
-do not: level on checkerboard, eight_gaussians and two_moons (within ±0.003,
-seeds 0-4), but 0.056 ± 0.015 nats *worse* on rings (8 of 8 seeds, by
-0.010-0.115), so they always start at the identity and take no such option.
-Neither zuko's log-scale bound (6.9 instead of 3) nor dropping actnorm helps
-the identity start the way this does (seeds 0-4, change in test NLL,
-positive is worse: checkerboard +0.003 ± 0.004 and -0.016 ± 0.015 bits,
-eight_gaussians +0.003 ± 0.014 and +0.029 ± 0.007 nats). The division by
-:math:`\sqrt{t}` (1 in two dimensions) is what keeps the random start from
-hurting in many dimensions: with torch's initialisation as it is, RealNVP on
-digits (64-D) was 2.80 ± 0.79 nats *worse* than from the identity (0 of 10
-seeds), and on 32-D data made of 16 independent toys 0.084 ± 0.047 worse;
-divided by :math:`\sqrt{t}` it is 0.37 ± 0.29 nats better on digits (7 of
-10), 0.082 ± 0.048 better on 8-D data of 4 toys (7 of 10), and level on the
-32-D data (0.014 ± 0.002 worse, of 62 nats).
+that way, because they train better from there. Spline couplings train
+worse from a random start, so they always start at the identity and take no
+such option (measured: benchmarks/README.md#coupling-start).
 
 **Stacking.** One coupling leaves :math:`x_a` alone, so a stack must change
 which part is kept between layers. The registry does it for you: in
@@ -96,13 +75,11 @@ feeds :math:`[x_a, c]` to the network; ``condition(c)`` returns a
 :math:`x`'s (``x`` of shape ``(3, 5, D)`` with a context of shape ``(5, C)``
 or ``(1, C)``).
 
-**Network size.** The default ``hidden_dims`` is two layers of
-``min(512, max(64, 10 * max(D, C)))`` units (``C = 0`` without a context):
-64 for small problems, growing with the dimension the way the package's
-other conditioners do, capped so that high-dimensional data (images) does not
-get a network of millions of weights per layer. Spline couplings multiply the
-network's outputs by :math:`1/\sqrt{h}`, :math:`h` the last hidden width, so
-that ordinary weights give moderate splines (see :class:`ConditionedSplineCoupling`).
+**Network size.** The default ``hidden_dims`` is
+:func:`pyro_nflows.nn.default_hidden_dims` with ``network="coupling"``,
+which states the rule. Spline couplings multiply the network's outputs by
+:math:`1/\sqrt{h}`, :math:`h` the last hidden width, so that ordinary
+weights give moderate splines (see :class:`ConditionedSplineCoupling`).
 
 References:
 
@@ -343,11 +320,8 @@ class ConditionedAffineCoupling(ConditionedCoupling):
     :class:`~pyro_nflows.transforms.maps.AffineMap` with
     ``shift_on="z"``, MAF's form. (Dinh et al. write
     :math:`y_b = x_b e^{s} + t`, the same family; see the ``AffineMap``
-    docstring for why the shift goes on the side that is trained. For
-    RealNVP in ``fit`` the gain is within training noise: on
-    ``benchmarks/density.py``'s seed 0, circles 3.39 -> 3.01 nats and
-    rings 3.41 -> 3.39, but over seeds 0-2 of our runs the means moved by
-    less than the spread between seeds, 0.1-0.4 nats on circles.)
+    docstring for why the shift goes on the side that is trained; measured:
+    benchmarks/README.md#affine-map-form.)
     """
 
     def __init__(
@@ -408,28 +382,16 @@ class ConditionedSplineCoupling(ConditionedCoupling):
         from its own side (as for
         :class:`~pyro_nflows.transforms.maps.SplineMap`), so
         :func:`~pyro_nflows.density.fit` builds its spline couplings with
-        ``"x"`` unless the spec says otherwise. Measured with 5 layers of
-        ``fit(flow="spline_coupling(spline_from=...)")``, 100 epochs, 9000
-        points, test NLL in nats, seeds 0 and 1, ``"z"`` -> ``"x"``:
-        checkerboard 3.573/3.587 -> 3.556/3.581, rings 3.125/3.057 ->
-        3.062/2.972, pinwheel 2.396/2.352 -> 2.358/2.348, two_spirals
-        3.073/3.050 -> 3.057/3.017 (8 of 8 better). As a guide, trained by
-        sampling (``python benchmarks/svi.py --guides
-        "AutoFlow(spline_coupling:4)" "AutoFlow(spline_coupling:4
-        spline_from=x)" --seed S``), ``"z"`` is the better one on Neal's
-        funnel: ELBO -0.694/-0.639 against -0.720/-0.687 (seeds 0/1).
+        ``"x"`` unless the spec says otherwise, while guides, trained by
+        sampling, keep ``"z"`` (measured: benchmarks/README.md#spline-side).
 
     :param output_scale: a constant factor on the network's outputs. The
         learnable couplings use :math:`1/\sqrt{h}`, :math:`h` the width of the
         network's last hidden layer, as the NSF reference code does for widths
-        and heights [3]. Each output sums :math:`h` hidden units, so without
-        the factor a network whose weights are of ordinary size (say, moved
-        by 0.3 from their initial values) puts out spline parameters of
-        order :math:`\sqrt{h}`: steep knots next to near-empty bins, with
-        stretches where the derivative falls to 1e-6 and below, which the
-        inverse cannot resolve even in float64 (round trips off by 1e-10).
-        We scale the derivatives too, since extreme derivatives are what
-        flatten a bin.
+        and heights [3] (we scale the derivatives too): each output sums
+        :math:`h` hidden units, so without the factor ordinary weights give
+        spline parameters of order :math:`\sqrt{h}`, nearly flat bins the
+        inverse cannot resolve (measured: benchmarks/README.md#spline-output-scale).
     """
 
     def __init__(
@@ -475,12 +437,14 @@ class AdditiveCoupling(ConditionedAdditiveCoupling, TransformModule):
 
     :param input_dim: the event size :math:`D \ge 2`.
     :param split_dim: the size of the first part (default ``D // 2``).
-    :param hidden_dims: hidden layer widths of the MLP (default: see the module docstring).
+    :param hidden_dims: hidden layer widths of the MLP (default:
+        :func:`~pyro_nflows.nn.default_hidden_dims`, ``network="coupling"``).
     :param reverse: transform the first part, conditioned on the second.
     :param identity_init: start at the identity (the network's last layer
         zero); ``False`` starts as a mild random map (torch's default
-        initialisation of that layer divided by :math:`\sqrt{t}`, see the
-        module docstring).
+        initialisation of that layer divided by :math:`\sqrt{t}`), as
+        :func:`~pyro_nflows.density.fit` does (see the module docstring;
+        measured: benchmarks/README.md#coupling-start).
     """
 
     def __init__(
@@ -513,13 +477,15 @@ class AffineCoupling(ConditionedAffineCoupling, TransformModule):
 
     :param input_dim: the event size :math:`D \ge 2`.
     :param split_dim: the size of the first part (default ``D // 2``).
-    :param hidden_dims: hidden layer widths of the MLP (default: see the module docstring).
+    :param hidden_dims: hidden layer widths of the MLP (default:
+        :func:`~pyro_nflows.nn.default_hidden_dims`, ``network="coupling"``).
     :param reverse: transform the first part, conditioned on the second.
     :param log_scale_bound: :math:`B`, the bound on :math:`|s|`.
     :param identity_init: start at the identity (the network's last layer
         zero); ``False`` starts as a mild random map (torch's default
         initialisation of that layer divided by :math:`\sqrt{t}`), as
-        :func:`~pyro_nflows.density.fit` does (see the module docstring).
+        :func:`~pyro_nflows.density.fit` does (see the module docstring;
+        measured: benchmarks/README.md#coupling-start).
     """
 
     def __init__(
@@ -542,7 +508,8 @@ class SplineCoupling(ConditionedSplineCoupling, TransformModule):
 
     :param input_dim: the event size :math:`D \ge 2`.
     :param split_dim: the size of the first part (default ``D // 2``).
-    :param hidden_dims: hidden layer widths of the MLP (default: see the module docstring).
+    :param hidden_dims: hidden layer widths of the MLP (default:
+        :func:`~pyro_nflows.nn.default_hidden_dims`, ``network="coupling"``).
     :param count_bins: the number of bins :math:`K`.
     :param bound: the half-width :math:`B` of the interval the splines cover.
     :param reverse: transform the first part, conditioned on the second.
@@ -551,7 +518,8 @@ class SplineCoupling(ConditionedSplineCoupling, TransformModule):
         :class:`ConditionedSplineCoupling`.
 
     Unlike the affine and additive couplings, it always starts at the
-    identity (see the module docstring).
+    identity (see the module docstring; measured:
+    benchmarks/README.md#coupling-start).
     """
 
     def __init__(

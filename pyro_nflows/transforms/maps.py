@@ -48,11 +48,9 @@ def soft_clamp(value: torch.Tensor, bound: float, shape: str = "softsign") -> to
       exponentially, and which reaches a given fraction of the bound with a
       smaller ``value``.
 
-    A hard clamp has zero gradient outside its range. Which shape suits which
-    flow was measured (the numbers are in
-    :class:`~pyro_nflows.transforms.autoregressive.AffineMap`'s docstring):
-    softsign for the flows fitted to data (MAF, RealNVP), tanh for IAF
-    fitted by sampling.
+    A hard clamp has zero gradient outside its range. The flows fitted to
+    data (MAF, RealNVP) use softsign, IAF fitted by sampling uses tanh (see
+    :class:`AffineMap`; measured: benchmarks/README.md#affine-map-form).
     """
     if shape == "softsign":
         return value / (1 + value.abs() / bound)
@@ -72,10 +70,10 @@ class AffineMap:
     r"""An affine map per coordinate with a bounded log-scale
     :math:`s = \mathrm{clamp}_c(\tilde s)` (:math:`c = ` ``log_scale_bound``;
     ``clamp`` is ``"softsign"``, :math:`\tilde s / (1 + |\tilde s| / c)`, or
-    ``"tanh"``, :math:`c \tanh(\tilde s / c)`; see
-    :func:`~pyro_nflows.transforms.base.soft_clamp`), which keeps a single
-    layer from blowing up while staying smooth. ``shift_on`` says which side
-    the shift :math:`m` is added to, after scaling:
+    ``"tanh"``, :math:`c \tanh(\tilde s / c)`; see :func:`soft_clamp`),
+    which keeps a single layer from blowing up while staying smooth.
+    ``shift_on`` says which side the shift :math:`m` is added to, after
+    scaling:
 
     - ``"x"`` (IAF): :math:`x = g(z) = z\, e^{s} + m`, :math:`z = (x - m)\, e^{-s}`;
     - ``"z"`` (MAF): :math:`z = g^{-1}(x) = x\, e^{-s} + m`, :math:`x = (z - m)\, e^{s}`.
@@ -88,15 +86,11 @@ class AffineMap:
     :math:`e^{-s}`, which is largest exactly where the density is sharp, so
     the shift's effective step size is tied to the scale.
 
-    Measured, MAF (``benchmarks/density.py``'s data, ``fit(flow="maf")``, 100
-    epochs; test NLL in nats, mean over seeds 0-2; the old form with tanh ->
-    this form with softsign): circles 3.18 -> 3.10, rings 3.41 -> 3.35,
-    checkerboard 3.77 -> 3.78; digits (seeds 0, 1) 118.9 -> 115.8. IAF
-    (``benchmarks/svi.py``, ``AutoFlow("iaf:3(ordering=natural)")`` on
-    Neal's funnel, ELBO at seeds 0 and 1, 0 is exact): tanh -0.009 and
-    -0.018, softsign -0.020 and -0.039. So MAF and RealNVP use
-    ``shift_on="z", clamp="softsign"``, and IAF keeps its trained direction's
-    form, ``shift_on="x", clamp="tanh"`` (the defaults).
+    So MAF and RealNVP use ``shift_on="z", clamp="softsign"``
+    (:func:`data_affine_map`), and IAF keeps its trained direction's form,
+    ``shift_on="x", clamp="tanh"`` (the defaults), each the choice that
+    trained better in its own direction (measured:
+    benchmarks/README.md#affine-map-form).
     """
 
     param_dim = 2
@@ -202,15 +196,9 @@ class SplineMap:
     The inverse of a rational-quadratic spline is not one, so the two forms
     are different families. Use the one whose spline is evaluated in the
     direction the flow is trained in, as zuko and nflows do for density
-    estimation. Measured with ``fit(flow="nsf")`` on ``benchmarks/density.py``'s
-    data (100 epochs, test NLL in nats, seeds 0-2, ``"z"`` -> ``"x"``): 17 of
-    18 runs on six datasets improved and one tied (eight_gaussians seed 2,
-    2.8878 -> 2.8879); e.g. rings 2.97/2.91/2.85 -> 2.87/2.75/2.77,
-    pinwheel 2.374/2.331/2.377 -> 2.352/2.323/2.370, checkerboard
-    3.551/3.548/3.541 -> 3.548/3.538/3.524, digits 102.99/101.91/102.94 ->
-    102.80/101.52/102.89.
-    The inverse :math:`r^{-1}` is a closed-form root of a quadratic per
-    point (no iteration), so both forms are exact in both directions.
+    estimation (measured: benchmarks/README.md#spline-side). The inverse
+    :math:`r^{-1}` is a closed-form root of a quadratic per point (no
+    iteration), so both forms are exact in both directions.
     """
 
     def __init__(self, count_bins: int = 8, bound: float = 3.0, spline_from: str = "z"):

@@ -60,5 +60,7 @@ def random_permutation(input_dim: int, permutation: torch.Tensor | None = None) 
     if permutation is None:
         permutation = torch.randperm(input_dim)
     elif torch.as_tensor(permutation).numel() != input_dim:
-        raise ValueError(f"permutation must have input_dim={input_dim} entries, got {torch.as_tensor(permutation).numel()}")
+        raise ValueError(
+            f"permutation must have input_dim={input_dim} entries, got {torch.as_tensor(permutation).numel()}"
+        )
     return PermuteModule(permutation)

@@ -46,19 +46,18 @@ float32), and :math:`x = y - \hat u \tanh(\alpha + b)`.
 Cost of the inverse: the solver is vectorised over the batch, one iteration
 costing about as much as one forward pass of the layer (a few element-wise
 operations per point; the two dot products :math:`w^\top y` and the final
-update are done once). Newton converges quadratically: typically 3-6
-iterations for one point and 4-7 for a batch of a thousand in float64 (the
-batch stops when its slowest point has converged), 2-5 in float32. Close to
-the singular limit :math:`w^\top \hat u \to -1` the equation flattens into a
+update are done once). Newton converges quadratically, so a few iterations
+suffice; a batch stops when its slowest point has converged. Close to the
+singular limit :math:`w^\top \hat u \to -1` the equation flattens into a
 cubic around :math:`\alpha = -b`, where Newton converges only linearly (and
-falls back to bisection when it would leave the bracket): about 45-55
-iterations at :math:`1 + w^\top \hat u = 10^{-2} \ldots 10^{-13}`. There the
-inverse is also ill-conditioned: the returned :math:`x` maps back onto
-:math:`y` to rounding, but is itself only as accurate as
+falls back to bisection when it would leave the bracket), so it takes many
+more. There the inverse is also ill-conditioned: the returned :math:`x` maps
+back onto :math:`y` to rounding, but is itself only as accurate as
 :math:`\epsilon / f'(\alpha)` allows.
-``benchmarks/potentials.py`` measures it; :attr:`ConditionedPlanar.last_inverse_iterations`
-records the count of the most recent inverse. If the solver has not converged
-after 100 iterations it raises
+:attr:`ConditionedPlanar.last_inverse_iterations` records the count of the
+most recent inverse, which ``benchmarks/potentials.py`` reports (measured:
+benchmarks/README.md#planar-inverse-iterations). If the solver has not
+converged after 100 iterations it raises
 :class:`~pyro_nflows.transforms.roots.InverseNotConverged`; a non-finite input
 (NaN or inf) raises ``ValueError``. Neither returns a wrong answer silently.
 
@@ -143,7 +142,7 @@ class ConditionedPlanar(FlowTransform):
 
     with :math:`w^\top \hat u > -1` enforced (see :func:`planar_parameters`).
     The inverse solves one increasing scalar equation per point by bracketed
-    Newton (typically 3-7 iterations in float64, at most 100, else
+    Newton (quadratically convergent; at most 100 iterations, else
     :class:`~pyro_nflows.transforms.roots.InverseNotConverged`) and works for
     any finite point: the map is onto :math:`\mathbb{R}^D`. See
     :mod:`pyro_nflows.transforms.planar_flow` for the derivation.
@@ -233,7 +232,7 @@ class Planar(ConditionedPlanar, TransformModule):
     ``w`` (each :math:`D` numbers, initialised uniformly in
     :math:`\pm 1/\sqrt D`) and ``bias`` (one number, initialised to 0). Unlike
     Pyro's, its inverse works for every point (one scalar bracketed-Newton
-    solve per point, typically 3-7 iterations in float64), so it can score
+    solve per point), so it can score
     data as well as its own samples; gradients flow through the inverse.
 
     Example::

@@ -34,7 +34,8 @@ non-negative; with :math:`p = \gamma - \rho` and
 points do not overflow) it is :math:`r = (q - p)/2` for :math:`p \le 0` and
 the equal :math:`r = 2\alpha\rho/(p + q)` for :math:`p > 0`, each free of
 cancellation. Then :math:`x = x_0 + (y - x_0)\,\frac{\alpha + r}{\gamma + r}`.
-Cost: one pass, about twice the forward map's time; no iterations. A non-finite
+Cost: one pass of :math:`O(D)` arithmetic per point, no iterations (measured:
+benchmarks/README.md#radial-inverse-cost). A non-finite
 input (NaN or inf) raises ``ValueError``. Norms are computed scaled by the
 largest entry, so points up to the largest finite float are handled.
 

@@ -61,11 +61,12 @@ and the root in :math:`[0, 1]` is
 The first form is cancellation-free when :math:`b \ge 0`, the second when
 :math:`b < 0` (then :math:`a > hs > 0`), and :math:`b` does go negative
 (at the top of a bin whenever :math:`\delta_1 > 2s`), so we use whichever
-is stable: with the first form alone, float32 inverses lose hundreds of
-ulps next to steep knots. The log-determinant of the inverse is minus the
-forward one at that :math:`x`. The inverse is exact (closed form, no
-iteration) and costs about as much as the forward: one bin search, a handful
-of element-wise operations and one square root.
+is stable: the first form alone loses accuracy in float32 next to steep
+knots (measured: benchmarks/README.md#spline-inverse-form). The
+log-determinant of the inverse is minus the forward one at that :math:`x`.
+The inverse is exact (closed form, no iteration) and costs about as much as
+the forward: one bin search, a handful of element-wise operations and one
+square root.
 
 **Bin search.** An element's bin is the number of interior knots at or below
 it. Counting (a comparison against the :math:`K - 1` interior knots and a sum)

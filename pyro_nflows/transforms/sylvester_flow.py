@@ -44,8 +44,9 @@ h'(p_i))`: the log-determinant that the map above has at a point of
 pre-activation :math:`p`, not that of its own map, which is
 :math:`\log\det(I + \operatorname{diag}(h'(p))\, Q \tilde R^\top R^\top Q^\top)`.
 The two agree when :math:`Q = I` and nearly agree at Pyro's initialisation
-(:math:`R, \tilde R \approx 0`), not once the parameters have moved (an
-error of about 1e-2 after moving them by 0.3). It also has no inverse. The
+(:math:`R, \tilde R \approx 0`), not once the parameters have moved
+(measured: benchmarks/README.md#pyro-sylvester-log-det). It also has no
+inverse. The
 flows here compute the map above, its exact log-determinant, and invert it.
 
 **Inverse.** Write :math:`w = Q^\top y`. Since :math:`Q^\top Q = I`, the part
@@ -73,16 +74,16 @@ to rounding level and gives exact implicit-function-theorem gradients,
 :math:`\partial z = -J^{-1} \partial F`.
 
 Cost of the inverse: :math:`M` *sequential* scalar solves, each a vectorised
-bracketed Newton iteration over the batch taking 3-4 function evaluations on
-average (float64, to 1e-12 relative; 3 in float32), then the Newton step, a
-back-substitution without forming the :math:`M \times M` Jacobian. That is
-:math:`O(M^2)` arithmetic per point but about :math:`5M` small passes over the
-batch, against a few matrix products for the forward. Measured single-threaded
-on a batch of 1000 in float64: :math:`M = 3` about 8x the forward's time,
-:math:`M = 8` 15-40x, :math:`M = 32` 20-35x (about 2, 5 and 25 microseconds
-a point). Float64 round trips are at rounding level (:math:`\sim 10^{-15}`);
-near-singular layers (:math:`R_{ii}\tilde R_{ii} \to -1`) lose what their
-condition number says, as any inverse must.
+bracketed Newton iteration over the batch (to :math:`10^{-12}` relative in
+float64, :math:`10^{-6}` in float32; quadratic convergence, so a few
+function evaluations), then the Newton step, a back-substitution without
+forming the :math:`M \times M` Jacobian. That is :math:`O(M^2)` arithmetic
+per point but :math:`O(M)` small sequential passes over the batch, against a
+few matrix products for the forward (measured:
+benchmarks/README.md#sylvester-inverse-cost). Float64 round trips are at
+rounding level (:math:`\sim 10^{-15}`); near-singular layers
+(:math:`R_{ii}\tilde R_{ii} \to -1`) lose what their condition number says,
+as any inverse must.
 
 References:
 
@@ -142,8 +143,9 @@ def _tanh_derivative(a: torch.Tensor) -> torch.Tensor:
 
 
 def _orthogonality_tolerance(rows: int, dtype: torch.dtype) -> float:
-    # The iteration stalls at a defect of a few eps (measured: <= 5 eps up to
-    # 1000 x 500); the margin keeps the test at rounding level for any size.
+    # The iteration stalls at a defect of a few eps (measured:
+    # benchmarks/README.md#sylvester-orthogonality); the margin keeps the test
+    # at rounding level for any size.
     return 8 * math.sqrt(rows) * torch.finfo(dtype).eps
 
 

@@ -72,8 +72,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_nflows.registry import build_flow, canonical_name, parse_spec
 from pyro_nflows.nn.widths import default_hidden_dims
+from pyro_nflows.registry import build_flow, canonical_name, parse_spec
 from pyro_nflows.transforms.linear import ConditionedHouseholder
 from pyro_nflows.validation import check_count
 
@@ -103,7 +103,9 @@ POSTERIORS: dict[str, PosteriorFamily] = {
     family.name: family
     for family in [
         PosteriorFamily("gaussian", "diagonal Gaussian, no flow (the plain VAE)"),
-        PosteriorFamily("householder", "householder:T - T reflections, v_1 from h, v_{t+1} from v_t (Tomczak & Welling 2016)"),
+        PosteriorFamily(
+            "householder", "householder:T - T reflections, v_1 from h, v_{t+1} from v_t (Tomczak & Welling 2016)"
+        ),
         PosteriorFamily(
             "convex_triangular_linear",
             "convex_triangular_linear:K (or ccliniaf:K) - ccLinIAF with K matrices (Tomczak & Welling 2017)",
