@@ -5,7 +5,8 @@ Run from the repository root::
     python benchmarks/density.py                   # the full table, seed 0 (~40 min on 2 cores)
     python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl   # averaged over 3 seeds, resumable
     python benchmarks/density.py --seeds 0 1 2 --out table.jsonl --report   # the table of the rows kept so far
-    python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl --flows nsf --rerun --peers   # re-score ours only
+    python benchmarks/density.py --seeds 0 1 2 --jobs 2 --out table.jsonl --flows nsf --rerun --peers
+                                                   # re-score ours only
     python benchmarks/density.py --quick           # smoke run, about 2 minutes
     python benchmarks/density.py --datasets checkerboard two_moons --flows nsf --epochs 50
     python benchmarks/density.py --datasets rings --flows realnvp --seeds 1 --patience 100   # no early stopping
@@ -22,15 +23,14 @@ default patience (30), read from its signature so that the benchmark cannot
 drift from it; ``--patience`` overrides it for ours and the peers alike.
 Each peer builds the same architecture at its own defaults otherwise:
 
-==========  ===============================================  ===============================================
-preset      zuko                                             nflows
-==========  ===============================================  ===============================================
-maf         ``MAF(D, transforms=5, hidden_features=(H, H))``  ``MaskedAutoregressiveFlow(D, H, 5, 1, use_residual_blocks=False)``
-nsf         ``NSF(D, bins=8, transforms=5, hidden_...)``      5 x ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform``
-                                                              (8 bins, linear tails at 3, one MADE block), reversed between layers
-realnvp     ``RealNVP(D, transforms=5, hidden_...)``          ``SimpleRealNVP(D, H', 5, 1)``, ``H'`` chosen to match our parameter
-                                                              count (its residual blocks have one layer more)
-==========  ===============================================  ===============================================
+- ``maf``: zuko's ``MAF(D, transforms=5, hidden_features=(H, H))``; nflows'
+  ``MaskedAutoregressiveFlow(D, H, 5, 1, use_residual_blocks=False)``;
+- ``nsf``: zuko's ``NSF(D, bins=8, transforms=5, hidden_...)``; nflows' 5 x
+  ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform`` (8 bins, linear
+  tails at 3, one MADE block), reversed between layers;
+- ``realnvp``: zuko's ``RealNVP(D, transforms=5, hidden_...)``; nflows'
+  ``SimpleRealNVP(D, H', 5, 1)``, ``H'`` chosen to match our parameter count
+  (its residual blocks have one layer more);
 
 where ``(H, H)`` are our default hidden widths for the preset at that ``D``.
 Peers are trained by one shared loop that copies ``fit``'s: the same
@@ -108,10 +108,9 @@ if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
-
-from benchmarks.common import library_versions  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.common import library_versions  # noqa: E402
 from pyro_nflows import datasets  # noqa: E402
 from pyro_nflows.density import fit  # noqa: E402
 from pyro_nflows.nn import default_hidden_dims  # noqa: E402
@@ -269,7 +268,8 @@ def train_peer(
         for batch in torch.randperm(len(train), generator=generator).split(BATCH_SIZE):
             loss = -model.log_prob(train[batch]).mean()
             if not torch.isfinite(loss):
-                warnings.warn(f"peer loss became {loss.item()} in epoch {epoch + 1}; keeping the best weights")
+                message = f"peer loss became {loss.item()} in epoch {epoch + 1}; keeping the best weights"
+                warnings.warn(message, stacklevel=2)
                 model.load_state_dict(best_state)
                 return epoch + 1, best_epoch
             optimizer.zero_grad()
@@ -320,7 +320,9 @@ def run_peer(
     epochs_run, best_epoch = train_peer(model, standardise(train), standardise(validation), epochs, seed, patience)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        nll = torch.cat([-model.log_prob(standardise(chunk)) for chunk in test.split(4 * BATCH_SIZE)]).double() + log_det
+        nll = (
+            torch.cat([-model.log_prob(standardise(chunk)) for chunk in test.split(4 * BATCH_SIZE)]).double() + log_det
+        )
     return Result(nll, count_parameters(model), seconds, epochs_run, best_epoch)
 
 
@@ -652,13 +654,18 @@ def run_target(seed: int) -> None:
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=None, help=f"any of {TOYS + ['digits']} (default: all)")
-    parser.add_argument("--flows", nargs="+", default=None, choices=FLOWS, help="presets (default: all; digits: maf nsf)")
+    parser.add_argument(
+        "--flows", nargs="+", default=None, choices=FLOWS, help="presets (default: all; digits: maf nsf)"
+    )
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS, help="peers to run (default: both)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap for every model (default 100; --quick 20)")
-    parser.add_argument("--n", type=int, default=None, help="points drawn from each 2-D toy (default 10000; --quick 5000)")
+    parser.add_argument(
+        "--n", type=int, default=None, help="points drawn from each 2-D toy (default 10000; --quick 5000)"
+    )
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0],
         help="data, split and initialisation seeds; each row is averaged over them (default: 0)",
@@ -683,9 +690,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--report", action="store_true",
         help="run nothing: print the table of the rows already in --out (say, while another run fills it)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: checkerboard, two_moons and digits, few epochs")
-    parser.add_argument("--target", action="store_true", help="also run the checkerboard nsf target with fit's defaults")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: checkerboard, two_moons and digits, few epochs"
+    )
+    parser.add_argument(
+        "--target", action="store_true", help="also run the checkerboard nsf target with fit's defaults"
+    )
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a usage error (exit status 2) on flags that contradict each other or make no sense."""
     if args.jobs < 1 or args.threads < 1:
         parser.error(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
     if args.rerun and args.report:
@@ -695,57 +710,83 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
 
-    _configure_process(args.threads)
+
+def _sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int, List[str]]:
+    """The epoch cap, the toys' point count and the datasets, defaults (``--quick``'s or the full run's) filled in."""
     epochs = args.epochs or (20 if args.quick else 100)
     n = args.n or (5_000 if args.quick else datasets.DEFAULT_N)
     names = args.datasets or (["checkerboard", "two_moons", "digits"] if args.quick else TOYS + ["digits"])
     unknown = sorted(set(names) - set(TOYS) - {"digits"})
     if unknown:
         parser.error(f"unknown datasets {unknown}; known: {TOYS + ['digits']}")
+    return epochs, n, names
 
-    print(f"pyro_nflows density estimation vs zuko and nflows ({library_versions({'zuko': 'zuko', 'nflows': 'nflows'})})")
+
+def _print_header(args: argparse.Namespace, epochs: int, n: int) -> None:
+    """Print the versions, the settings, the platform and the machine's load."""
+    print(
+        f"pyro_nflows density estimation vs zuko and nflows ({library_versions({'zuko': 'zuko', 'nflows': 'nflows'})})"
+    )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"epochs<={epochs} (patience {args.patience})  batch {BATCH_SIZE}  lr {LR} cosine  toys n={n} (80/10/10 split)  "
+        f"epochs<={epochs} (patience {args.patience})  batch {BATCH_SIZE}  lr {LR} cosine  "
+        f"toys n={n} (80/10/10 split)  "
         f"seeds {' '.join(map(str, args.seeds))}  {args.jobs} processes x {args.threads} threads  "
         f"load {load:.2f} on {os.cpu_count()} cores  {platform.python_implementation()} {platform.python_version()}"
     )
     print("scores: test negative log-likelihood per point, lower is better (nats; checkerboard in bits, truth 5.00)\n",
           flush=True)
 
-    start = time.perf_counter()
-    jobs = [
+
+def _make_jobs(args: argparse.Namespace, names: Sequence[str], epochs: int, n: int) -> List[Job]:
+    """Every row asked for, in the table's order: by dataset, then preset, then seed."""
+    return [
         Job(name, flow, seed, epochs, n, args.patience, tuple(args.peers))
         for name in names
         for flow in (args.flows or (DIGITS_FLOWS if name == "digits" else FLOWS))
         for seed in args.seeds
     ]
-    settings = jobs[0].settings() if jobs else {}
-    done: Dict[tuple, Row] = {}
 
-    def add(row: Row) -> None:  # a contestant run twice: its later outcome
-        key = (row.dataset, row.flow, row.seed)
-        done[key] = done[key].updated_by(row) if key in done else row
 
-    if args.out and os.path.exists(args.out):
-        for row in read_rows(args.out, settings):
-            add(row)
-        print(f"  {args.out}: {len(done)} rows already run with these settings are reused\n", file=sys.stderr)
+def _key(item: Job | Row) -> tuple:
+    """A row's or a job's place in the table: (dataset, preset, seed)."""
+    return (item.dataset, item.flow, item.seed)
+
+
+def _add(done: Dict[tuple, Row], row: Row) -> None:
+    """Keep ``row`` in ``done``; a contestant run twice: its later outcome."""
+    key = _key(row)
+    done[key] = done[key].updated_by(row) if key in done else row
+
+
+def _reuse_saved(done: Dict[tuple, Row], out: str, settings: dict) -> None:
+    """Add to ``done`` the rows that ``out`` already has with these settings."""
+    for row in read_rows(out, settings):
+        _add(done, row)
+    print(f"  {out}: {len(done)} rows already run with these settings are reused\n", file=sys.stderr)
+
+
+def _todo(args: argparse.Namespace, jobs: List[Job], done: Dict[tuple, Row]) -> List[Job]:
+    """The jobs to run: none with --report, all with --rerun, else those not in ``done``."""
     if args.report:
         todo = []
     elif args.rerun:
-        todo = jobs
+        todo = jobs  # the same list: the sort below reorders the table as well
     else:
-        todo = [job for job in jobs if (job.dataset, job.flow, job.seed) not in done]
+        todo = [job for job in jobs if _key(job) not in done]
     if args.jobs > 1:  # the longest rows first, so that no process is left with one at the end
         todo.sort(key=lambda job: job.dataset != "digits")
-    for row in run_jobs(todo, args.jobs, args.threads, args.out, settings):
-        add(row)
+    return todo
+
+
+def _in_order(jobs: Sequence[Job], done: Dict[tuple, Row]) -> List[Row]:
+    """The rows asked for that have run, in the order asked for."""
     # A table in the order asked for, whichever process finished first.
-    rows = [done[key] for key in ((j.dataset, j.flow, j.seed) for j in jobs) if key in done]
-    print()
-    passed, total = print_table(rows)
-    many = len(args.seeds) > 1
+    return [done[key] for key in (_key(j) for j in jobs) if key in done]
+
+
+def _print_legend(rows: Sequence[Row], many: bool) -> None:
+    """Print what the columns mean, then the peers that did not run and why."""
     print(
         "\nzuko-ours, nflows-ours: mean paired difference of test NLL per point ± its standard error "
         + ("over seeds (in brackets: the seeds where ours is better)" if many else "over test points")
@@ -756,10 +797,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for row in rows:
         for peer, note in row.notes.items():
             print(f"  {row.dataset} {row.flow} seed {row.seed}: {peer} {DASH} {note}")
-    errors = [f"{row.dataset} {row.flow} seed {row.seed} {name}: {error}" for row in rows for name, error in row.errors.items()]
+
+
+def _errors(rows: Sequence[Row]) -> List[str]:
+    """Every contestant run that failed, one line each."""
+    return [
+        f"{row.dataset} {row.flow} seed {row.seed} {name}: {error}"
+        for row in rows
+        for name, error in row.errors.items()
+    ]
+
+
+def _print_summary(passed: int, total: int, errors: Sequence[str]) -> None:
+    """Print how many rows passed, then every error."""
     print(f"Rows: {passed}/{total} PASS")
     for error in errors:
         print(f"  ERROR {error}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the rows the command line asks for (or reuse them from --out), print the table; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    _configure_process(args.threads)
+    epochs, n, names = _sizes(parser, args)
+    _print_header(args, epochs, n)
+
+    start = time.perf_counter()
+    jobs = _make_jobs(args, names, epochs, n)
+    settings = jobs[0].settings() if jobs else {}
+    done: Dict[tuple, Row] = {}
+    if args.out and os.path.exists(args.out):
+        _reuse_saved(done, args.out, settings)
+    for row in run_jobs(_todo(args, jobs, done), args.jobs, args.threads, args.out, settings):
+        _add(done, row)
+    rows = _in_order(jobs, done)
+
+    print()
+    passed, total = print_table(rows)
+    _print_legend(rows, many=len(args.seeds) > 1)
+    errors = _errors(rows)
+    _print_summary(passed, total, errors)
     if args.report and len(rows) < len(jobs):
         print(f"  --report: {len(jobs) - len(rows)} of the {len(jobs)} rows asked for are not in {args.out} yet")
     if args.target and not args.report:

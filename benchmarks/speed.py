@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # Benchmark the checkout this file lives in, installed or not.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,9 @@ def same(ours: torch.Tensor, theirs: torch.Tensor, what: str, atol: float = 1e-4
     ours, theirs = ours.detach(), theirs.detach()
     if ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=atol, rtol=rtol):
         error = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("nan")
-        raise Mismatch(f"{what}: outputs differ (shapes {tuple(ours.shape)} vs {tuple(theirs.shape)}, max |diff| {error:.3g})")
+        raise Mismatch(
+            f"{what}: outputs differ (shapes {tuple(ours.shape)} vs {tuple(theirs.shape)}, max |diff| {error:.3g})"
+        )
 
 
 def fwd_bwd(module: torch.nn.Module, forward: Callable[[], Tuple[torch.Tensor, torch.Tensor]]) -> Step:
@@ -611,13 +613,30 @@ CASES: List[Case] = [
         "maf sample D=64 H=(256,256) L=5 B=1024",
         # Every peer call takes seconds here: 3 rounds, and the calibration
         # call is the only warm-up (a first call's extra cost is negligible).
-        maf_sample_setup(64, (256, 256), 5, B, skip={"nflows": "left out at this size to keep the run short (its sampler is the same D-passes loop: about a second a call)"}),
+        maf_sample_setup(
+            64,
+            (256, 256),
+            5,
+            B,
+            skip={
+                "nflows": "left out at this size to keep the run short "
+                "(its sampler is the same D-passes loop: about a second a call)"
+            },
+        ),
         target=[("zuko", 10.0), ("pyro", 10.0)],
         repeats=3,
         warmup=0,
     ),
-    Case("maf log_prob fwd+bwd D=16 H=(64,64) L=5 B=1024", maf_log_prob_setup(16, (64, 64), 5, B), target=("zuko", 1 / 1.1)),
-    Case("maf log_prob fwd+bwd D=64 H=(256,256) L=5 B=1024", maf_log_prob_setup(64, (256, 256), 5, B), target=("zuko", 1 / 1.1)),
+    Case(
+        "maf log_prob fwd+bwd D=16 H=(64,64) L=5 B=1024",
+        maf_log_prob_setup(16, (64, 64), 5, B),
+        target=("zuko", 1 / 1.1),
+    ),
+    Case(
+        "maf log_prob fwd+bwd D=64 H=(256,256) L=5 B=1024",
+        maf_log_prob_setup(64, (256, 256), 5, B),
+        target=("zuko", 1 / 1.1),
+    ),
 ]
 
 
@@ -717,57 +736,129 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+@dataclasses.dataclass
+class RunSettings:
+    """The run's rounds, inner-loop length, warm-up and time budget, defaults resolved."""
+
+    repeats: int
+    sample_s: float
+    warmup: int
+    budget_s: float
+
+
+class CaseRun(NamedTuple):
+    """One case's outcome: its timing (None when its setup failed) and why peers did not run."""
+
+    case: Case
+    timing: Optional[Timing]
+    reasons: Dict[str, str]
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filter", default="", help="run only cases whose name contains this substring")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 31, 5 with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--sample-ms", type=float, default=None, help="length of one timed inner loop (default 20, 5 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before calibration (default 5, 1 with --quick)")
+    parser.add_argument(
+        "--sample-ms", type=float, default=None, help="length of one timed inner loop (default 20, 5 with --quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls before calibration (default 5, 1 with --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: few, short rounds")
-    parser.add_argument("--budget", type=float, default=None, help="seconds per case after which rounds stop early, at least %d rounds (default 12, 3 with --quick)" % MIN_ROUNDS)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per case after which rounds stop early, at least %d rounds (default 12, 3 with --quick)"
+        % MIN_ROUNDS,
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.list:
-        for case in CASES:
-            print(case.name)
-        return 0
 
-    repeats = args.repeats or (5 if args.quick else 31)
-    sample_s = (args.sample_ms or (5.0 if args.quick else 20.0)) / 1e3
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    budget_s = args.budget or (3.0 if args.quick else 12.0)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+def _print_case_names() -> None:
+    """Print every case's name, one a line (``--list``)."""
+    for case in CASES:
+        print(case.name)
+
+
+def _run_settings(args: argparse.Namespace) -> RunSettings:
+    """The command line's timing settings, with the defaults (``--quick``'s or the full run's) filled in."""
+    return RunSettings(
+        repeats=args.repeats or (5 if args.quick else 31),
+        sample_s=(args.sample_ms or (5.0 if args.quick else 20.0)) / 1e3,
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 5),
+        budget_s=args.budget or (3.0 if args.quick else 12.0),
+    )
+
+
+def _configure(threads: int, seed: int) -> random.Random:
+    """Set torch's threads and seed and silence UserWarnings; return the rounds' shuffling generator."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
     warnings.filterwarnings("ignore", category=UserWarning)  # e.g. pyro's "K > D" over-parametrisation notice
+    return rng
 
-    cases = [c for c in CASES if args.filter.lower() in c.name.lower()]
-    if not cases:
-        print(f"no case matches --filter {args.filter!r}; see --list")
-        return 0
 
+def _select_cases(pattern: str) -> List[Case]:
+    """The cases whose name contains ``pattern``, ignoring case."""
+    return [c for c in CASES if pattern.lower() in c.name.lower()]
+
+
+def _print_header(threads: int, settings: RunSettings) -> None:
+    """Print the versions, settings, platform and machine load the numbers were taken with."""
     import pyro_nflows
 
     origin = getattr(pyro_nflows, "__file__", None) or list(getattr(pyro_nflows, "__path__", ["?"]))[0]
     print(f"pyro_nflows speed ({library_versions({'pyro': 'pyro-ppl', 'zuko': 'zuko', 'nflows': 'nflows'})})")
     print(
-        f"threads={args.threads}  rounds={repeats}  sample~{sample_s * 1e3:.0f} ms  warmup={warmup}  "
+        f"threads={threads}  rounds={settings.repeats}  sample~{settings.sample_s * 1e3:.0f} ms  "
+        f"warmup={settings.warmup}  "
         f"{platform.python_implementation()} {platform.python_version()}  pyro_nflows from {origin}"
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cores = os.cpu_count() or 1
     print(f"load average (1 min) at start: {load:.2f} on {cores} cores")
     if load > 0.5 * cores:
-        print("WARNING: the machine is busy; absolute times are inflated and ratios less reliable (rerun, or try --threads 1)")
+        print(
+            "WARNING: the machine is busy; absolute times are inflated and ratios less reliable "
+            "(rerun, or try --threads 1)"
+        )
     print("times: median ms per call; ratios: peer/ours, median of paired rounds (> 1: we are faster)\n", flush=True)
 
+
+def _split_peers(contestants: Contestants) -> Tuple[Dict[str, Step], Dict[str, str]]:
+    """The steps to time (ours first, then the peers that run) and the reasons of those that cannot."""
+    steps: Dict[str, Step] = {"ours": contestants.ours}
+    reasons: Dict[str, str] = {}
+    for peer in PEERS:
+        value = contestants.peers.get(peer)
+        if callable(value):
+            steps[peer] = value
+        elif isinstance(value, str):
+            reasons[peer] = value
+    return steps, reasons
+
+
+def _time_case(case: Case, contestants: Contestants, settings: RunSettings, rng: random.Random) -> CaseRun:
+    """Time a set-up case's contestants, with the rounds and warm-up it caps."""
+    steps, reasons = _split_peers(contestants)
+    repeats = min(settings.repeats, case.repeats or settings.repeats)
+    warmup = min(settings.warmup, settings.warmup if case.warmup is None else case.warmup)
+    timing = measure(steps, repeats, settings.sample_s, warmup, rng, settings.budget_s, min(MIN_ROUNDS, repeats))
+    timing.repeats = repeats
+    return CaseRun(case, timing, reasons)
+
+
+def _run_cases(cases: Sequence[Case], settings: RunSettings, rng: random.Random) -> Tuple[List[CaseRun], List[str]]:
+    """Set up and time every case; a case whose setup fails is kept untimed, with its error."""
     progress = sys.stderr.isatty()
-    start = time.perf_counter()
-    rows, notes, failures, errors = [], [], [], []
-    results = []
+    results: List[CaseRun] = []
+    errors: List[str] = []
     for case in cases:
         if progress:
             print(f"  running {case.name} ...", end="\r", flush=True, file=sys.stderr)
@@ -775,29 +866,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             contestants = case.setup()
         except Exception as error:  # a mismatch, or a broken case: report it, run the others
             errors.append(f"{case.name}: {type(error).__name__}: {error}")
-            results.append((case, None, {}))
+            results.append(CaseRun(case, None, {}))
             continue
-        steps: Dict[str, Step] = {"ours": contestants.ours}
-        reasons: Dict[str, str] = {}
-        for peer in PEERS:
-            value = contestants.peers.get(peer)
-            if callable(value):
-                steps[peer] = value
-            elif isinstance(value, str):
-                reasons[peer] = value
-        case_repeats = min(repeats, case.repeats or repeats)
-        case_warmup = min(warmup, warmup if case.warmup is None else case.warmup)
-        timing = measure(steps, case_repeats, sample_s, case_warmup, rng, budget_s, min(MIN_ROUNDS, case_repeats))
-        timing.repeats = case_repeats
-        results.append((case, timing, reasons))
-        for peer, reason in reasons.items():
-            notes.append(f"{case.name}: {peer} {DASH} {reason}")
+        results.append(_time_case(case, contestants, settings, rng))
         if progress:
             print(" " * (len(case.name) + 16), end="\r", flush=True, file=sys.stderr)
+    return results, errors
 
+
+def _check_targets(case: Case, timing: Timing) -> Tuple[str, int, List[str]]:
+    """A case's result cell ("PASS", or what failed), how many of its targets passed, and the failures."""
+    outcomes, failures, passed = [], [], 0
+    for peer, minimum in case.targets():
+        ratio = timing.ratios.get(peer)
+        if ratio is None:
+            outcomes.append(f"n/a ({peer})")
+        elif ratio >= minimum:
+            passed += 1
+        else:
+            outcomes.append(f"FAIL ({peer})")
+            failures.append(
+                f"{case.name}: {peer}/ours = {ratio:.2f}x, target {minimum:.3g}x "
+                f"(missed by {100 * (1 - ratio / minimum):.0f}%)"
+            )
+    return ", ".join(outcomes) or "PASS", passed, failures
+
+
+def _print_results_table(results: Sequence[CaseRun]) -> Tuple[int, int, List[str]]:
+    """Print one line per case; return the targets passed, the targets checked and the failures."""
     headers = ["case", "ours ms"] + [f"{p} ms" for p in PEERS] + [f"{p}/ours" for p in PEERS] + ["target", "result"]
-    passed = 0
-    targeted = 0
+    rows, failures, passed, targeted = [], [], 0, 0
     for case, timing, _ in results:
         if timing is None:
             rows.append([case.name, "not run"] + [DASH] * (2 * len(PEERS)) + [DASH, "ERROR"])
@@ -805,21 +903,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target, result = DASH, ""
         if case.targets():
             target = ", ".join(f"{peer} >= {minimum:.3g}x" for peer, minimum in case.targets())
-            outcomes = []
-            for peer, minimum in case.targets():
-                ratio = timing.ratios.get(peer)
-                targeted += 1
-                if ratio is None:
-                    outcomes.append(f"n/a ({peer})")
-                elif ratio >= minimum:
-                    passed += 1
-                else:
-                    outcomes.append(f"FAIL ({peer})")
-                    failures.append(
-                        f"{case.name}: {peer}/ours = {ratio:.2f}x, target {minimum:.3g}x "
-                        f"(missed by {100 * (1 - ratio / minimum):.0f}%)"
-                    )
-            result = ", ".join(outcomes) or "PASS"
+            result, case_passed, case_failures = _check_targets(case, timing)
+            passed, targeted = passed + case_passed, targeted + len(case.targets())
+            failures.extend(case_failures)
         rows.append(
             [case.name, _ms(timing.seconds["ours"])]
             + [_ms(timing.seconds.get(p)) for p in PEERS]
@@ -827,37 +913,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             + [target, result]
         )
     print(_table(headers, rows))
+    return passed, targeted, failures
 
+
+def _print_section(title: str, lines: Sequence[str]) -> None:
+    """Print a titled, indented list, or nothing when it is empty."""
+    if lines:
+        print(title)
+        for line in lines:
+            print(f"  {line}")
+
+
+def _print_caveats(results: Sequence[CaseRun], repeats: int) -> None:
+    """Print the peers not run, and the cases whose numbers are less certain (capped, cut short, noisy)."""
+    timed = [(case, timing) for case, timing, _ in results if timing is not None]
+    notes = [f"{case.name}: {peer} {DASH} {reason}" for case, _, reasons in results for peer, reason in reasons.items()]
     noisy = [
-        f"{case.name}: {name} {100 * s:.0f}%"
-        for case, timing, _ in results
-        if timing is not None
-        for name, s in timing.spread.items()
+        f"{case.name}: {name} {100 * s:.0f}%" for case, timing in timed for name, s in timing.spread.items()
         if s == s and s > 0.25
     ]
-    print()
-    if notes:
-        print("Not run:")
-        for note in notes:
-            print(f"  {note}")
     short = [
-        f"{case.name}: {timing.rounds} of {timing.repeats} rounds"
-        for case, timing, _ in results
-        if timing is not None and timing.rounds < timing.repeats
+        f"{case.name}: {timing.rounds} of {timing.repeats} rounds" for case, timing in timed
+        if timing.rounds < timing.repeats
     ]
-    capped = [f"{case.name}: {timing.repeats} rounds" for case, timing, _ in results if timing is not None and timing.repeats < repeats]
-    if capped:
-        print("Slow peers, rounds capped by the case (fewer rounds: ratios less certain):")
-        for line in capped:
-            print(f"  {line}")
-    if short:
-        print("Stopped early by the time budget (--budget):")
-        for line in short:
-            print(f"  {line}")
-    if noisy:
-        print("Noisy (interquartile range / median > 25%; rerun with more --repeats):")
-        for line in noisy:
-            print(f"  {line}")
+    capped = [f"{case.name}: {timing.repeats} rounds" for case, timing in timed if timing.repeats < repeats]
+    _print_section("Not run:", notes)
+    _print_section("Slow peers, rounds capped by the case (fewer rounds: ratios less certain):", capped)
+    _print_section("Stopped early by the time budget (--budget):", short)
+    _print_section("Noisy (interquartile range / median > 25%; rerun with more --repeats):", noisy)
+
+
+def _print_verdict(passed: int, targeted: int, failures: Sequence[str], errors: Sequence[str]) -> None:
+    """Print how many targets passed, then every failure and error."""
     if targeted:
         print(f"Targets: {passed}/{targeted} PASS" + (", failures:" if failures else ""))
     else:
@@ -866,8 +953,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  FAIL {failure}")
     for error in errors:
         print(f"  ERROR {error}")
-    print(f"({len(results)} cases in {time.perf_counter() - start:.0f} s)")
+
+
+def _exit_status(errors: Sequence[str]) -> int:
+    """1 if a case errored (a peer disagreeing with ours included), else 0: missed targets do not count."""
     return 1 if errors else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the cases the command line selects, print the table and notes; return the exit status."""
+    args = _parser().parse_args(argv)
+    if args.list:
+        _print_case_names()
+        return 0
+    settings = _run_settings(args)
+    rng = _configure(args.threads, args.seed)
+    cases = _select_cases(args.filter)
+    if not cases:
+        print(f"no case matches --filter {args.filter!r}; see --list")
+        return 0
+
+    _print_header(args.threads, settings)
+    start = time.perf_counter()
+    results, errors = _run_cases(cases, settings, rng)
+    passed, targeted, failures = _print_results_table(results)
+    print()
+    _print_caveats(results, settings.repeats)
+    _print_verdict(passed, targeted, failures, errors)
+    print(f"({len(results)} cases in {time.perf_counter() - start:.0f} s)")
+    return _exit_status(errors)
 
 
 if __name__ == "__main__":
