@@ -341,14 +341,28 @@ class AutoFlow(AutoContinuous):
                 module._parameters[name] = stored
 
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
-        r"""The posterior over the unconstrained latent vector :math:`z`,
-        ``TransformedDistribution(Normal(0, scale).to_event(1), [*flows, shift by loc])``."""
-        base = dist.Normal(torch.zeros_like(self.loc), self.scale).to_event(1)
+        r"""The posterior over the unconstrained latent vector :math:`z`:
+        ``TransformedDistribution(get_base_dist(), [scale by sigma, *flows, shift by loc])``,
+        the map :meth:`get_transform` gives (the one NeuTra uses). When every
+        transform of the flow is affine the posterior is Gaussian, and its
+        ``mean``, ``variance`` and ``covariance_matrix`` are given in closed form."""
         # cache_size=1: scoring the guide's own sample hands each transform back
         # its own output, so no flow ever runs its (possibly sequential or
         # numerical) inverse during training.
+        scale = AffineTransform(0.0, self.scale, event_dim=1, cache_size=1)
         shift = AffineTransform(self.loc, 1.0, event_dim=1, cache_size=1)
-        return dist.TransformedDistribution(base, [*self._flow_stack(), shift])
+        stack = self._flow_stack()
+        if not all(_is_affine(t) for t in stack):
+            return dist.TransformedDistribution(self.get_base_dist(), [scale, *stack, shift])
+        posterior = _GaussianPosterior(self.get_base_dist(), [scale, *stack, shift])
+        posterior.moments = self._moments
+        return posterior
+
+    @property
+    def transform(self) -> Transform:
+        """The map from :meth:`get_base_dist` to :math:`z`, as Pyro's
+        ``AutoNormalizingFlow.transform`` (the same as :meth:`get_transform`)."""
+        return self.get_transform()
 
     def get_base_dist(self) -> dist.Distribution:
         """:math:`N(0, I_D)`, the base of :meth:`get_transform`."""
@@ -373,13 +387,21 @@ class AutoFlow(AutoContinuous):
         if not all(_is_affine(t) for t in stack):
             names = sorted({type(t).__name__ for t in stack if not _is_affine(t)})
             raise NotImplementedError(f"no closed-form marginals through {', '.join(names)}")
-        loc, scale = self.loc.detach(), self.scale.detach()
-        # F at 0 and at sigma_i e_i: row i of the differences is sigma_i A e_i.
+        mean, root = self._moments(detach=True)
+        return mean, root.square().sum(0).sqrt()
+
+    def _moments(self, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""For an affine flow :math:`F(u) = A u + b`: the mean :math:`\mu + b` of
+        :math:`z` and a square root :math:`S` of its covariance,
+        :math:`S^\top S = A \operatorname{diag}(\sigma^2) A^\top` (row :math:`i` of
+        :math:`S` is :math:`\sigma_i A e_i`, from pushing :math:`0` and
+        :math:`\sigma_i e_i` through the flow)."""
+        loc, scale = (self.loc.detach(), self.scale.detach()) if detach else (self.loc, self.scale)
         points = torch.cat([torch.zeros_like(loc)[None], torch.diag(scale)])
-        for transform in stack:
+        for transform in self._stack:
             points = transform(points)
         offset = points[0]
-        return loc + offset, (points[1:] - offset).square().sum(0).sqrt()
+        return loc + offset, points[1:] - offset
 
     def _check_ready(self, *args, **kwargs) -> None:
         if self.prototype_trace is None:
@@ -458,6 +480,36 @@ class AutoFlow(AutoContinuous):
         return {
             name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
         }
+
+
+class _GaussianPosterior(dist.TransformedDistribution):
+    """A guide's posterior through an affine flow: a Gaussian, whose moments
+    have closed forms (a ``TransformedDistribution`` has none).
+
+    ``moments`` (set after construction, so that torch's ``expand`` keeps
+    working; an expanded copy has none) returns the mean and a square root
+    ``S`` of the covariance, ``S^T S``, as :meth:`AutoFlow._moments` does.
+    """
+
+    moments: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _moment(self, index: int) -> torch.Tensor:
+        if self.moments is None:
+            raise NotImplementedError("an expanded posterior has no closed-form moments; sample it instead")
+        return self.moments()[index]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._moment(0)
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        root = self._moment(1)
+        return root.mT @ root
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self._moment(1).square().sum(-2)
 
 
 # ---------------------------------------------------------------------------

@@ -141,12 +141,17 @@ FLOWS: dict[str, FlowEntry] = {
         ),
         FlowEntry("lu_linear", linear.lu_linear, None, "affine map P L U x + b"),
         FlowEntry("qr_linear", linear.qr_linear, None, "affine map Q R x + b, Q a product of reflections"),
-        FlowEntry("elementwise_affine", elementwise.elementwise_affine, None, "per-coordinate scale and shift"),
+        FlowEntry(
+            "elementwise_affine",
+            elementwise.elementwise_affine,
+            elementwise.conditional_elementwise_affine,
+            "per-coordinate scale and shift",
+        ),
         FlowEntry("actnorm", elementwise.actnorm, None, "scale and shift initialised from the first batch (Glow)"),
         FlowEntry(
             "elementwise_spline",
             elementwise.elementwise_spline,
-            None,
+            elementwise.conditional_elementwise_spline,
             "monotonic rational-quadratic spline per coordinate",
         ),
         FlowEntry("permute", permutation.random_permutation, None, "fixed random permutation of the coordinates"),
@@ -211,7 +216,7 @@ FLOWS: dict[str, FlowEntry] = {
             "spline_autoregressive",
             autoregressive.spline_autoregressive,
             autoregressive.conditional_spline_autoregressive,
-            "autoregressive rational-quadratic splines (direction maf or iaf); layers alternate ordering",
+            "autoregressive rational-quadratic splines (direction iaf, the default, or maf); layers alternate ordering",
             alternate=_ALTERNATE_ORDERINGS,
         ),
     ]

@@ -20,6 +20,7 @@ __all__ = [
     "check_positive",
     "check_rows",
     "check_spline_from",
+    "check_spline_order",
 ]
 
 
@@ -55,6 +56,19 @@ def check_spline_from(value: str) -> str:
             f"guides and posteriors) or 'x' (it maps data to noise: for density estimation), got {value!r}"
         )
     return value
+
+
+def check_spline_order(order: str) -> str:
+    """Return ``order`` if it is ``"quadratic"``, the spline kind the package
+    implements; Pyro's ``order="linear"`` (linear rational splines) raises
+    ``NotImplementedError`` saying what to pass instead."""
+    if order != "quadratic":
+        raise NotImplementedError(
+            f"order={order!r}: only rational-quadratic splines (order='quadratic', Durkan et al. 2019) are "
+            "implemented here; Pyro's default, order='linear' (linear rational splines), is not. "
+            "Pass order='quadratic'"
+        )
+    return order
 
 
 def check_input_dim(input_dim: int) -> int:

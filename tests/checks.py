@@ -7,8 +7,9 @@ is given). :func:`_check_declaration` first asserts that the module has
 parameters exactly when ``has_parameters`` says so and is conditional exactly
 when ``context_dim`` is given; then one helper a step asserts, in order:
 
-1. :func:`_check_vector_transform`: the transform is a bijective vector
-   transform (``event_dim == 1``) whose ``repr`` names it;
+1. :func:`_check_vector_transform`: the transform is a bijective transform of
+   vectors (``event_dim == 1``) or of their coordinates (``event_dim == 0``,
+   the element-wise flows, as Pyro's) whose ``repr`` names it;
 2. :func:`_warm_up_and_move`: every parameter is moved well off its
    initialisation (after one batch has passed, so data-dependent
    initialisations have happened);
@@ -19,14 +20,21 @@ when ``context_dim`` is given; then one helper a step asserts, in order:
    contexts with batches of 1 and 5 that broadcast;
 4. :func:`_check_log_det`: ``log_abs_det_jacobian`` against ``slogdet`` of the
    autograd Jacobian, in float64, at the moved parameters, also right after the
-   public forward and inverse calls (which may hand a log-det over);
+   public forward and inverse calls (which may hand a log-det over), and the
+   determinant's sign against the transform's ``sign`` where it declares one;
 5. :func:`_check_training`: gradients of ``log_prob`` reach every parameter;
 6. :func:`_check_training`: a few Adam steps on ``-log_prob`` lower it (the
    base is anisotropic, so volume-preserving flows can learn too);
 7. :func:`_check_state_dict`: ``state_dict`` round trips (directly and through
    ``torch.save`` / ``torch.load(weights_only=True)``) give the same outputs;
 8. :func:`_check_cache`: the cache inverts the transform's own output exactly
-   and never returns a stale value after an in-place parameter update;
+   and never returns a stale value after an in-place parameter update (a
+   conditioned transform's neither);
+   :func:`_check_conditioned_stays_fresh`: a transform returned by
+   ``condition(context)`` stays right across optimiser steps and repeated
+   backward passes, as Pyro's do;
+   :func:`_check_traces`: ``torch.jit.trace`` of a module holding the flow
+   works and gives the eager outputs;
 9. :func:`_check_wrong_widths`: an input or context of the wrong width raises
    ``ValueError``;
 10. :func:`_check_param_store`: ``pyro.module`` registers every parameter
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from typing import Callable
 
 import pyro
@@ -49,6 +58,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import ConditionalTransformModule
 from torch.distributions.transforms import Transform
+from torch.distributions.utils import _sum_rightmost
 
 BATCH_SHAPES = [(), (3,), (3, 4)]
 # (batch shape of x, batch shape of the context): equal, and broadcasting.
@@ -155,6 +165,9 @@ def check_transform(
     context = _context((7,), context_dim, torch.float32, generator) if context_dim is not None else None
     _check_state_dict(build, trained, x, context)
     _check_cache(trained, x, context, has_parameters, perturbation, generator)
+    if context is not None and has_parameters:
+        _check_conditioned_stays_fresh(trained, x, context)
+    _check_traces(trained, x, context)
     _check_wrong_widths(trained, input_dim, context_dim, generator)
     _check_param_store(build())
 
@@ -167,12 +180,23 @@ def _check_declaration(module, context_dim, has_parameters) -> None:
     assert _is_conditional(module) == (context_dim is not None), "pass context_dim exactly for conditional transforms"
 
 
+def _event_dim(transform) -> int:
+    return transform.domain.event_dim
+
+
+def _total_log_det(transform, x, y) -> torch.Tensor:
+    """``log_abs_det_jacobian`` summed over the event (an element-wise flow gives one term per coordinate)."""
+    return _sum_rightmost(transform.log_abs_det_jacobian(x, y), 1 - _event_dim(transform))
+
+
 def _check_vector_transform(module, input_dim, context_dim, generator) -> None:
-    """Step 1: a bijective vector transform (``event_dim == 1`` both ways) whose
-    ``repr``, and that of its conditioned form, names its class and ``input_dim``."""
+    """Step 1: a bijective transform of vectors (``event_dim == 1`` both ways)
+    or of each of their coordinates (``event_dim == 0``, as Pyro's element-wise
+    ones), whose ``repr``, and that of its conditioned form, names its class
+    and ``input_dim``."""
     conditional = _is_conditional(module)
     probe = _plain(module, _context((2,), context_dim, torch.float32, generator) if conditional else None)
-    assert probe.domain.event_dim == 1 and probe.codomain.event_dim == 1
+    assert probe.domain.event_dim in (0, 1) and probe.codomain.event_dim == probe.domain.event_dim
     assert probe.bijective
     for shown in (module, probe):  # printing a flow shows what it is, not just its class name
         assert repr(shown).startswith(type(shown).__name__ + "(") and f"input_dim={input_dim}" in repr(shown)
@@ -190,8 +214,8 @@ def _warm_up_and_move(module, input_dim, context_dim, perturbation, generator) -
 def _check_round_trips(module, input_dim, context_dim, atol32, atol64, generator) -> None:
     """Step 3: for every batch-shape case, in float32 and float64, the forward
     keeps shape and dtype and is finite, the uncached ``_inverse`` undoes it, and
-    ``log_abs_det_jacobian`` has shape ``x.shape[:-1]``, x's dtype, and is 0 for a
-    volume-preserving transform.
+    ``log_abs_det_jacobian`` has shape ``x.shape[:-1]`` (``x.shape`` for an
+    element-wise flow), x's dtype, and is 0 for a volume-preserving transform.
 
     float64 is held to an absolute tolerance. In float32 the rounding of y alone
     moves the inverse by up to |dx/dy| times as much, whatever the implementation,
@@ -217,7 +241,7 @@ def _check_round_trips(module, input_dim, context_dim, atol32, atol64, generator
                 f"in {dtype} for x of shape {tuple(x.shape)}"
             )
             log_det = transform.log_abs_det_jacobian(x, y)
-            assert log_det.shape == x.shape[:-1], (log_det.shape, x.shape)
+            assert log_det.shape == x.shape[: x.dim() - _event_dim(transform)], (log_det.shape, x.shape)
             assert log_det.dtype == dtype
             if getattr(transform, "volume_preserving", False):
                 assert (log_det == 0).all()
@@ -226,24 +250,27 @@ def _check_round_trips(module, input_dim, context_dim, atol32, atol64, generator
 def _check_log_det(module, input_dim, context_dim, log_det_atol, generator) -> None:
     """Step 4: in float64, at the moved parameters, ``log_abs_det_jacobian`` is
     within ``log_det_atol`` of ``slogdet`` of the autograd Jacobian, also right
-    after the public forward and inverse calls (which may hand a log-det over)."""
+    after the public forward and inverse calls (which may hand a log-det over);
+    and the determinant's sign is the transform's ``sign`` where it has one."""
     module64 = copy.deepcopy(module).double()
     points = _points((4,), input_dim, torch.float64, generator)
     contexts = _context((4,), context_dim, torch.float64, generator) if _is_conditional(module) else [None] * 4
     for x, context in zip(points, contexts):
         transform = _plain(module64, context)
         jacobian = torch.autograd.functional.jacobian(transform._call, x)
-        expected = torch.linalg.slogdet(jacobian).logabsdet
-        actual = transform.log_abs_det_jacobian(x, transform._call(x))
+        sign, expected = torch.linalg.slogdet(jacobian)
+        if hasattr(transform, "sign"):  # declared where the map increases coordinate by coordinate
+            assert sign.item() == transform.sign, f"{type(transform).__name__}.sign is wrong"
+        actual = _total_log_det(transform, x, transform._call(x))
         error = (actual - expected).abs().item()
         assert error <= log_det_atol, f"log-det error {error:.3g} > {log_det_atol}"
         # Through the public calls, which may hand a log-det over from the pass itself.
         y = transform(x)
-        error = (transform.log_abs_det_jacobian(x, y) - expected).abs().item()
+        error = (_total_log_det(transform, x, y) - expected).abs().item()
         assert error <= log_det_atol, f"log-det after the forward call off by {error:.3g}"
         y = y.detach().clone()  # a new tensor: the inverse is computed, not looked up
         x_back = transform.inv(y)
-        error = (transform.log_abs_det_jacobian(x_back, y) - expected).abs().item()
+        error = (_total_log_det(transform, x_back, y) - expected).abs().item()
         assert error <= log_det_atol, f"log-det after the inverse call off by {error:.3g}"
 
 
@@ -263,19 +290,77 @@ def _check_state_dict(build, trained, x, context) -> None:
 
 def _check_cache(trained, x, context, has_parameters, perturbation, generator) -> None:
     """Step 8: on a copy of ``trained``, the cache inverts the transform's own
-    output exactly (returns ``x`` itself) and, for an unconditional transform with
-    parameters, never returns a stale value after an in-place parameter update
-    (by ``perturbation``)."""
+    output exactly (returns ``x`` itself) and, for a transform with parameters,
+    never returns a stale value after an in-place parameter update (by
+    ``perturbation``); a conditioned transform answers as one conditioned
+    afresh."""
     cached = copy.deepcopy(trained)
     transform = _plain(cached, context)
     with torch.no_grad():
         y = transform(x)
         assert transform.inv(y) is x, "the cache should return the input of the last forward call"
-        if has_parameters and not _is_conditional(cached):
+        if has_parameters:
             move_parameters(cached, perturbation, generator)
-            x_new = cached.inv(y)
-            assert torch.equal(x_new, cached._inverse(y)), "the cache returned a stale value after a parameter update"
+            x_new = transform.inv(y)
+            expected = _plain(cached, context)._inverse(y)
+            stale = "the cache returned a stale value after a parameter update"
+            assert torch.equal(x_new, expected), stale
             assert not torch.equal(x_new, x)
+
+
+def _check_conditioned_stays_fresh(trained, x, context) -> None:
+    """Step 8b, conditional transforms: one conditioned transform, used across
+    optimiser steps and repeated backward passes (as Pyro's are), always
+    computes what a transform conditioned afresh computes, and never
+    backpropagates through a graph a backward pass has freed."""
+    module = copy.deepcopy(trained)
+    transform = module.condition(context)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+
+    weights = torch.linspace(0.5, 2.0, x.shape[-1])  # anisotropic: rotations change the loss too
+
+    def loss():
+        y = transform(x.clone())
+        return ((y - 0.5) * weights).square().sum() - transform.log_abs_det_jacobian(x, y).sum()
+
+    before = transform(x.clone()).detach()
+    for _ in range(2):  # two backward passes through the same conditioned transform
+        optimizer.zero_grad()
+        loss().backward()
+    optimizer.step()
+    after = transform(x.clone())
+    expected = module.condition(context.clone())(x.clone())
+    assert torch.equal(after, expected), "a conditioned transform went stale after a step"
+    assert not torch.allclose(after, before), "an optimiser step did not change the conditioned transform"
+    loss().backward()
+
+
+class _Traced(torch.nn.Module):
+    """A module that holds a flow and applies it, as a user's model or guide would."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x, context=None):
+        transform = _plain(self.flow, context)
+        y = transform(x)
+        return y, transform.log_abs_det_jacobian(x, y)
+
+
+def _check_traces(trained, x, context) -> None:
+    """Step 8c: ``torch.jit.trace`` of a module holding the flow works (it asks
+    every attribute, ``sign`` included) and the traced forward pass and
+    log-determinant equal the eager ones."""
+    holder = _Traced(copy.deepcopy(trained)).eval()
+    inputs = (x,) if context is None else (x, context)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # data-dependent loops are traced as run
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+ points to torch.export; Pyro uses trace
+        traced = torch.jit.trace(holder, inputs, check_trace=False)
+    for got, expected in zip(traced(*inputs), holder(*inputs)):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), "the traced flow differs from the flow"
+    assert hasattr(trained, "sign") in (True, False)  # never raises
 
 
 def _check_wrong_widths(trained, input_dim, context_dim, generator) -> None:

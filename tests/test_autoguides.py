@@ -293,6 +293,39 @@ def test_base_and_transform_give_the_posterior():
         assert torch.allclose(posterior.log_prob(z.clone()), neutra.log_prob(z.clone()), atol=1e-4)
 
 
+def test_the_posterior_is_the_neutra_map_and_draws_what_get_transform_maps():
+    """get_posterior() is TransformedDistribution(get_base_dist(), [scale, *flows, shift]),
+    the map NeuTra uses: the same noise gives the same point, and .transform is that map."""
+    guide = AutoIAF(mixed, num_transforms=2, hidden_dims=[16])
+    train(mixed, guide, 5, DATA)
+    posterior = guide.get_posterior()
+    assert isinstance(posterior.base_dist.base_dist, dist.Normal)
+    assert torch.equal(posterior.base_dist.base_dist.scale, torch.ones(LATENT_DIM))
+    noise = torch.randn(4, LATENT_DIM)
+    expected = guide.get_transform()(noise)
+    z = noise
+    for transform in posterior.transforms:
+        z = transform(z)
+    assert torch.allclose(z, expected) and torch.allclose(guide.transform(noise), expected)
+
+
+@pytest.mark.parametrize("make", [lambda m: AutoHouseholder(m, count_transforms=3), lambda m: AutoConvexTriangular(m)])
+def test_affine_guides_give_the_gaussians_moments(make):
+    guide = make(mixed)
+    train(mixed, guide, 30, DATA, lr=0.05)
+    posterior = guide.get_posterior()
+    with torch.no_grad():
+        draws = posterior.sample((200_000,))
+        assert torch.allclose(posterior.mean, draws.mean(0), atol=0.01)
+        assert torch.allclose(posterior.covariance_matrix, torch.cov(draws.T), atol=0.01)
+        assert torch.allclose(posterior.variance, torch.diagonal(posterior.covariance_matrix))
+    assert posterior.variance.requires_grad  # differentiable, as a distribution's moments are
+    other = AutoIAF(mixed, hidden_dims=[8])  # not affine: no closed form, as for any TransformedDistribution
+    other(DATA)
+    with pytest.raises(NotImplementedError):
+        _ = other.get_posterior().variance
+
+
 @pytest.mark.parametrize("name", list(GUIDES))
 def test_init_loc_fn_places_the_initial_posterior(name):
     values = {"noise": torch.tensor(0.7), "weight": torch.tensor(0.2), "effect": torch.tensor([-1.0, 0.5, 2.0])}

@@ -2,7 +2,7 @@ import pytest
 import torch
 from pyro.distributions import ConditionalTransformModule, TransformModule
 
-from pyro_nflows import available_flows, build_flow
+from pyro_nflows import available_flows, build_flow, transforms
 from pyro_nflows.registry import FLOWS, parse_spec
 
 
@@ -89,3 +89,35 @@ def test_repeat_continues_per_layer_alternation():
     assert orders == [[0, 1, 2], [2, 1, 0], [0, 1, 2], [2, 1, 0]]
     with pytest.raises(ValueError, match="repeat"):
         build_flow("maf", 3, repeat=0)
+
+
+@pytest.mark.parametrize(
+    "build, replacements",
+    [
+        (lambda: transforms.spline_coupling(1), ["elementwise_affine", "elementwise_spline"]),
+        (
+            lambda: transforms.conditional_affine_coupling(1, 2),
+            ["conditional_elementwise_affine", "conditional_elementwise_spline"],
+        ),
+        (lambda: transforms.convex_triangular_linear(3, count_matrices=1), ["triangular_linear"]),
+        (lambda: transforms.conditional_convex_triangular_linear(3, 2, count_matrices=1), ["triangular_linear"]),
+        (lambda: transforms.random_permutation(3, dim=-2), ["permute"]),
+    ],
+)
+def test_errors_that_recommend_a_flow_name_one_that_exists(build, replacements):
+    with pytest.raises(ValueError) as error:
+        build()
+    for name in replacements:
+        assert name in str(error.value)
+        assert callable(getattr(transforms, name))
+
+
+def test_pyro_names_are_aliases_of_ours():
+    assert isinstance(transforms.spline(3, 4, 2.0), transforms.ElementwiseSpline)
+    assert isinstance(transforms.conditional_spline(3, 2, [8], 4), transforms.ConditionalElementwiseSpline)
+    flow = transforms.affine_autoregressive(3, [8])
+    assert flow.made_reads == "input" and flow.sign == 1  # IAF: one-pass sampling, like Pyro's
+    assert transforms.conditional_affine_autoregressive(3, 2, [8]).made_reads == "input"
+    for make in (lambda: transforms.spline(3, order="linear"), lambda: transforms.spline_autoregressive(3, order="linear")):
+        with pytest.raises(NotImplementedError, match="order='quadratic'"):
+            make()

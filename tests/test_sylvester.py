@@ -355,7 +355,10 @@ def test_stacks_from_the_registry_invert():
             lambda: sylvester(4, kind="triangular", count_ortho_vectors=2),
             r"count_ortho_vectors applies only to kind='orthogonal'",
         ),
-        (lambda: sylvester(4, count_transforms=2), r"count_transforms applies only to kind='householder'"),
+        (
+            lambda: sylvester(4, count_transforms=2, kind="orthogonal"),
+            r"count_transforms applies only to kind='householder'",
+        ),
         (lambda: sylvester(0), r"input_dim"),
         (lambda: conditional_sylvester(4, 2, kind="Householder"), r"unknown Sylvester kind 'Householder'"),
         (lambda: conditional_sylvester(4, 2, count_ortho_vectors=7), r"count_ortho_vectors"),
@@ -412,3 +415,11 @@ def test_a_sample_and_its_log_q_take_one_orthogonalisation(monkeypatch):
     log_q = posterior.log_prob(x)
     assert len(calls) == 1
     assert torch.allclose(log_q, base.log_prob(flow.inv(x)) - flow.log_abs_det_jacobian(flow.inv(x), x))
+
+
+def test_a_number_of_reflections_alone_selects_the_householder_kind_as_in_pyro():
+    """Pyro's sylvester(D, K) is a Householder Sylvester flow with K reflections; so is ours."""
+    flow = sylvester(5, 3)
+    assert flow.kind == "householder" and flow.q.shape == (3, 5)
+    assert sylvester(5).kind == "orthogonal"
+    assert conditional_sylvester(5, 2, None, 3).kind == "householder"

@@ -55,6 +55,12 @@ class ContextNet(nn.Module):
             self.net = nn.Linear(context_dim, sum(blocks))
         self._blocks = blocks
         self._sizes = sizes
+        self.hidden_dims = tuple(hidden_dims)
+
+    @property
+    def last_width(self) -> int:
+        """The width of the last hidden layer (the context's, with none): how many units each output sums."""
+        return self.hidden_dims[-1] if self.hidden_dims else self.context_dim
 
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.net(context)

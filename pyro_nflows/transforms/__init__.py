@@ -7,6 +7,13 @@ the parameters) and lower-case helpers ``x(input_dim, ...)`` /
 ``conditional_x(input_dim, context_dim, ...)``. Pyro's ``Permute`` is
 re-exported rather than written again; :class:`PermuteModule` is that same
 transform made a module whose permutation ``state_dict`` saves, for stacks.
+
+Helpers that share a name with one of Pyro's take Pyro's positional
+arguments and defaults (``affine_coupling(input_dim, hidden_dims, split_dim)``,
+``householder(input_dim, count_transforms=None)``, ...), and Pyro's names
+that differ from ours are aliases (``affine_autoregressive`` is ``iaf``,
+``spline`` is ``elementwise_spline``); ``docs/pyro_compatibility.md`` lists
+every Pyro helper and what to use for it.
 """
 
 from pyro.distributions.transforms import Permute, permute
@@ -15,6 +22,8 @@ from pyro_nflows.transforms.autoregressive import (
     ConditionalMaskedAutoregressive,
     ConditionedMaskedAutoregressive,
     MaskedAutoregressive,
+    affine_autoregressive,
+    conditional_affine_autoregressive,
     conditional_iaf,
     conditional_maf,
     conditional_spline_autoregressive,
@@ -44,11 +53,19 @@ from pyro_nflows.transforms.coupling import (
 )
 from pyro_nflows.transforms.elementwise import (
     ActNorm,
+    ConditionalElementwiseAffine,
+    ConditionalElementwiseSpline,
+    ConditionedElementwiseAffine,
+    ConditionedElementwiseSpline,
     ElementwiseAffine,
     ElementwiseSpline,
     actnorm,
+    conditional_elementwise_affine,
+    conditional_elementwise_spline,
+    conditional_spline,
     elementwise_affine,
     elementwise_spline,
+    spline,
 )
 from pyro_nflows.transforms.linear import (
     ConditionalConvexTriangularLinear,
@@ -96,15 +113,6 @@ from pyro_nflows.transforms.sylvester_flow import (
 )
 
 __all__ = [
-    "ConditionalMaskedAutoregressive",
-    "ConditionedMaskedAutoregressive",
-    "MaskedAutoregressive",
-    "conditional_iaf",
-    "conditional_maf",
-    "conditional_spline_autoregressive",
-    "iaf",
-    "maf",
-    "spline_autoregressive",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
@@ -112,8 +120,11 @@ __all__ = [
     "ConditionalAffineCoupling",
     "ConditionalConvexTriangularLinear",
     "ConditionalCoupling",
+    "ConditionalElementwiseAffine",
+    "ConditionalElementwiseSpline",
     "ConditionalFlow",
     "ConditionalHouseholder",
+    "ConditionalMaskedAutoregressive",
     "ConditionalPlanar",
     "ConditionalRadial",
     "ConditionalSplineCoupling",
@@ -123,7 +134,10 @@ __all__ = [
     "ConditionedAffineCoupling",
     "ConditionedConvexTriangularLinear",
     "ConditionedCoupling",
+    "ConditionedElementwiseAffine",
+    "ConditionedElementwiseSpline",
     "ConditionedHouseholder",
+    "ConditionedMaskedAutoregressive",
     "ConditionedPlanar",
     "ConditionedRadial",
     "ConditionedSplineCoupling",
@@ -135,6 +149,7 @@ __all__ = [
     "FlowTransform",
     "Householder",
     "LULinear",
+    "MaskedAutoregressive",
     "Permute",
     "PermuteModule",
     "Planar",
@@ -145,13 +160,21 @@ __all__ = [
     "TriangularLinear",
     "actnorm",
     "additive_coupling",
+    "affine_autoregressive",
     "affine_coupling",
     "conditional_additive_coupling",
+    "conditional_affine_autoregressive",
     "conditional_affine_coupling",
     "conditional_convex_triangular_linear",
+    "conditional_elementwise_affine",
+    "conditional_elementwise_spline",
     "conditional_householder",
+    "conditional_iaf",
+    "conditional_maf",
     "conditional_planar",
     "conditional_radial",
+    "conditional_spline",
+    "conditional_spline_autoregressive",
     "conditional_spline_coupling",
     "conditional_sylvester",
     "conditional_triangular_linear",
@@ -159,13 +182,17 @@ __all__ = [
     "elementwise_affine",
     "elementwise_spline",
     "householder",
+    "iaf",
     "lu_linear",
+    "maf",
     "permute",
     "planar",
     "qr_linear",
     "radial",
     "random_permutation",
     "rational_quadratic_spline",
+    "spline",
+    "spline_autoregressive",
     "spline_coupling",
     "sylvester",
     "triangular_linear",

@@ -45,12 +45,14 @@ from pyro_nflows.nn.made import MADE
 from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
 from pyro_nflows.transforms.maps import AffineMap, GatedAffineMap, SplineMap, data_affine_map
-from pyro_nflows.validation import check_bool, check_input_dim
+from pyro_nflows.validation import check_bool, check_input_dim, check_spline_order
 
 __all__ = [
     "ConditionalMaskedAutoregressive",
     "ConditionedMaskedAutoregressive",
     "MaskedAutoregressive",
+    "affine_autoregressive",
+    "conditional_affine_autoregressive",
     "conditional_iaf",
     "conditional_maf",
     "conditional_spline_autoregressive",
@@ -76,6 +78,7 @@ class ConditionedMaskedAutoregressive(FlowTransform):
     """
 
     autoregressive = True
+    sign = +1  # every coordinate increases with its own input, as Pyro's AffineAutoregressive says
 
     def __init__(
         self, made: MADE, elementwise, made_reads: str, context: torch.Tensor | None = None, cache_size: int = 1
@@ -200,7 +203,11 @@ def _gate_bias(made: MADE, value: float) -> None:
 
 
 def maf(
-    input_dim: int, hidden_dims: Sequence[int] | None = None, ordering="natural", identity_init: bool = True
+    input_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    ordering="natural",
+    identity_init: bool = True,
 ) -> MaskedAutoregressive:
     r"""Masked autoregressive flow [2]: affine, :math:`\theta` from the data
     side. ``log_prob`` of data is one network pass; sampling is sequential
@@ -227,18 +234,33 @@ def maf(
     return MaskedAutoregressive(input_dim, data_affine_map(), "output", hidden_dims, ordering, identity_init)
 
 
+def _affine_map(stable: bool) -> AffineMap:
+    return GatedAffineMap() if check_bool("stable", stable) else AffineMap()
+
+
 def iaf(
-    input_dim: int, hidden_dims: Sequence[int] | None = None, stable: bool = False, ordering="natural"
+    input_dim: int, hidden_dims: Sequence[int] | None = None, *, stable: bool = False, ordering="natural"
 ) -> MaskedAutoregressive:
     r"""Inverse autoregressive flow [3]: affine, :math:`\theta` from the noise
     side. Sampling and scoring its own samples is one pass; scoring outside
     data is sequential. ``stable=True`` is the gated update
     :math:`\sigma z + (1 - \sigma) m` with the gates starting at
-    :math:`\sigma(1.5) \approx 0.82`."""
-    flow = MaskedAutoregressive(input_dim, GatedAffineMap() if stable else AffineMap(), "input", hidden_dims, ordering)
+    :math:`\sigma(1.5) \approx 0.82`. Pyro's ``affine_autoregressive`` is
+    this flow (:func:`affine_autoregressive` takes its arguments)."""
+    flow = MaskedAutoregressive(input_dim, _affine_map(stable), "input", hidden_dims, ordering)
     if stable:
         _gate_bias(flow.made, 1.5)
     return flow
+
+
+def affine_autoregressive(
+    input_dim: int, hidden_dims: Sequence[int] | None = None, *, stable: bool = False, ordering="natural"
+) -> MaskedAutoregressive:
+    r"""Pyro's ``affine_autoregressive`` helper, here: :func:`iaf` (its log-scale
+    is bounded by a soft clamp, not Pyro's ``log_scale_min_clip`` /
+    ``log_scale_max_clip``, which it does not take; its gates start at
+    :math:`\sigma(1.5)`, Pyro's ``sigmoid_bias`` is 2)."""
+    return iaf(input_dim, hidden_dims, stable=stable, ordering=ordering)
 
 
 def spline_autoregressive(
@@ -246,12 +268,18 @@ def spline_autoregressive(
     hidden_dims: Sequence[int] | None = None,
     count_bins: int = 8,
     bound: float = 3.0,
+    order: str = "quadratic",
+    *,
     ordering="natural",
-    direction: str = "maf",
+    direction: str = "iaf",
 ) -> MaskedAutoregressive:
-    """Autoregressive rational-quadratic spline flow [4]; ``direction="maf"``
-    (the default, for density estimation: one-pass scoring) or ``"iaf"``
-    (one-pass sampling)."""
+    """Autoregressive rational-quadratic spline flow [4]; ``direction="iaf"``
+    (the default, as Pyro's: one-pass sampling, for guides and posteriors) or
+    ``"maf"`` (one-pass scoring, for density estimation: what
+    :func:`~pyro_nflows.density.fit`'s ``"nsf"`` uses). The positional
+    arguments are Pyro's; ``order`` must be ``"quadratic"`` (Pyro's default,
+    ``"linear"``, is not implemented)."""
+    check_spline_order(order)
     elementwise = _direction_spline(direction, count_bins, bound)
     return MaskedAutoregressive(input_dim, elementwise, _made_reads(direction), hidden_dims, ordering)
 
@@ -260,6 +288,7 @@ def conditional_maf(
     input_dim: int,
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
+    *,
     ordering="natural",
     identity_init: bool = True,
 ) -> ConditionalMaskedAutoregressive:
@@ -273,15 +302,28 @@ def conditional_iaf(
     input_dim: int,
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
+    *,
     stable: bool = False,
     ordering="natural",
 ) -> ConditionalMaskedAutoregressive:
     """IAF whose MADE also reads a context: the amortized posterior of Kingma et al. [3]."""
-    elementwise = GatedAffineMap() if stable else AffineMap()
-    flow = ConditionalMaskedAutoregressive(input_dim, context_dim, elementwise, "input", hidden_dims, ordering)
+    flow = ConditionalMaskedAutoregressive(input_dim, context_dim, _affine_map(stable), "input", hidden_dims, ordering)
     if stable:
         _gate_bias(flow.made, 1.5)
     return flow
+
+
+def conditional_affine_autoregressive(
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    stable: bool = False,
+    ordering="natural",
+) -> ConditionalMaskedAutoregressive:
+    """Pyro's ``conditional_affine_autoregressive`` helper, here: :func:`conditional_iaf`
+    (see :func:`affine_autoregressive`)."""
+    return conditional_iaf(input_dim, context_dim, hidden_dims, stable=stable, ordering=ordering)
 
 
 def conditional_spline_autoregressive(
@@ -290,10 +332,14 @@ def conditional_spline_autoregressive(
     hidden_dims: Sequence[int] | None = None,
     count_bins: int = 8,
     bound: float = 3.0,
+    order: str = "quadratic",
+    *,
     ordering="natural",
-    direction: str = "maf",
+    direction: str = "iaf",
 ) -> ConditionalMaskedAutoregressive:
-    """Autoregressive spline flow whose MADE also reads a context."""
+    """Autoregressive spline flow whose MADE also reads a context (arguments as
+    :func:`spline_autoregressive`'s, Pyro's positional order)."""
+    check_spline_order(order)
     elementwise = _direction_spline(direction, count_bins, bound)
     return ConditionalMaskedAutoregressive(
         input_dim, context_dim, elementwise, _made_reads(direction), hidden_dims, ordering

@@ -19,6 +19,15 @@ tensor *and* on the in-place version counter of every parameter, so an update
 (an optimiser step, ``load_state_dict``, a data-dependent initialisation)
 invalidates it.
 
+A transform returned by a conditional flow's ``condition(context)`` keeps no
+tensor the context network computed: like Pyro's, it recomputes them when
+asked, so that it stays right across optimiser steps and repeated backward
+passes. :class:`ContextParameters` computes them once and reuses them until
+they could be wrong or spent (a parameter or the context changed in place,
+or a backward pass went through them), and the conditioned transform's cache
+is keyed on the version counters of the conditional flow's parameters and of
+the context.
+
 It also checks the event shape of every input, so that a wrong size gets a
 ``ValueError`` that names what was expected rather than a shape error from deep
 inside torch.
@@ -26,7 +35,8 @@ inside torch.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -38,12 +48,93 @@ from pyro_nflows.nn.dense import ContextNet
 from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.validation import check_count, check_event, check_input_dim
 
-__all__ = ["ConditionalFlow", "FlowTransform", "resolve"]
+__all__ = [
+    "ConditionalFlow",
+    "ContextParameters",
+    "FlowTransform",
+    "ParameterFn",
+    "condition_on",
+    "parameter_versions",
+    "resolve",
+]
+
+
+# A parameter given as a callable that returns its tensor (Pyro's convention for
+# conditioned transforms, whose parameters a context network recomputes).
+ParameterFn = Callable[[], torch.Tensor]
 
 
 def resolve(value):
     """A parameter given as a tensor or as a callable returning one (Pyro's convention)."""
     return value() if callable(value) else value
+
+
+def parameter_versions(module: nn.Module | None) -> tuple:
+    """The version counters of the parameters of ``module`` and its submodules
+    (none for ``None``); an in-place update of any parameter changes the
+    tuple. It walks the modules' own dictionaries: ``nn.Module.parameters()``
+    (name prefixes, a set to drop repeats) is slower, and this runs at every
+    call (measured: benchmarks/README.md#parameter-versions)."""
+    if module is None:
+        return ()
+    versions, modules = [], [module]
+    while modules:
+        module = modules.pop()
+        versions.extend(p._version for p in module._parameters.values() if p is not None)
+        modules.extend(m for m in module._modules.values() if m is not None)
+    return tuple(versions)
+
+
+class ContextParameters:
+    """The parameters a network computes from one context, for a conditioned
+    transform: ``net(context)``, a tensor or a tuple of them.
+
+    Pyro's conditional transforms keep ``partial(net, context)`` and run the
+    network at every call. This computes it once and reuses the result until
+    it could be wrong or spent: a parameter of ``net`` or the context changed
+    in place (their version counters), or a backward pass went through it (a
+    hook on each output forgets it). :meth:`parts` gives one callable per
+    output, the form the ``Conditioned<X>`` classes take their parameters in.
+    """
+
+    def __init__(self, net: Callable[[torch.Tensor], Any], context: torch.Tensor, module: nn.Module | None = None):
+        self.net, self.context = net, context
+        self.module = net if module is None and isinstance(net, nn.Module) else module
+        self._value = None
+        self._key = None
+
+    def __call__(self) -> Any:
+        key = (parameter_versions(self.module), self.context._version, torch.is_grad_enabled())
+        if self._value is None or key != self._key:
+            value = self.net(self.context)
+            for output in value if isinstance(value, (tuple, list)) else (value,):
+                if output.requires_grad:
+                    output.register_hook(self._forget)
+            self._value, self._key = value, key
+        return self._value
+
+    def _forget(self, grad: torch.Tensor) -> None:
+        self._value = None
+
+    def part(self, index: int) -> torch.Tensor:
+        return self()[index]
+
+    def parts(self, count: int) -> tuple[ParameterFn, ...]:
+        """One callable per output (the first ``count``)."""
+        return tuple(functools.partial(self.part, index) for index in range(count))
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles recompute: the cached outputs belong to a graph.
+        return {**self.__dict__, "_value": None, "_key": None}
+
+
+def condition_on(transform: "FlowTransform", module: nn.Module, context: torch.Tensor) -> "FlowTransform":
+    """Mark ``transform`` as conditioned by ``module`` on ``context``: its cache
+    is then keyed on the version counters of ``module``'s parameters and of the
+    context, so an optimiser step (or an in-place change of the context) never
+    gets a stale cached value. Returns ``transform``."""
+    transform.__dict__.update(_owner=module, _context=context)
+    return transform
 
 
 class FlowTransform(Transform):
@@ -84,20 +175,25 @@ class FlowTransform(Transform):
         self._handoff = None
 
     def _parameter_versions(self) -> tuple:
-        """The version counters of the parameters of this module and its
-        submodules (none for a plain transform); an in-place update of any
-        parameter changes the tuple. It walks the modules' own dictionaries:
-        ``nn.Module.parameters()`` (name prefixes, a set to drop repeats)
-        is slower, and this runs at every call (measured:
-        benchmarks/README.md#parameter-versions)."""
-        if not isinstance(self, nn.Module):
+        """What the transform's outputs depend on besides its input: the
+        version counters of its parameters (a module's own; a conditioned
+        transform's are those of the conditional flow that made it, and the
+        context's, see :func:`condition_on`)."""
+        if isinstance(self, nn.Module):
+            return parameter_versions(self)
+        owner = self.__dict__.get("_owner")
+        if owner is None:
             return ()
-        versions, modules = [], [self]
-        while modules:
-            module = modules.pop()
-            versions.extend(p._version for p in module._parameters.values() if p is not None)
-            modules.extend(m for m in module._modules.values() if m is not None)
-        return tuple(versions)
+        return (*parameter_versions(owner), self.__dict__["_context"]._version)
+
+    @property
+    def sign(self):
+        # torch's Transform.sign raises NotImplementedError, which hasattr()
+        # does not catch (torch.jit.trace asks every attribute); a flow whose
+        # sign is defined sets it as a class attribute.
+        raise AttributeError(
+            f"{type(self).__name__} has no sign: it is not increasing coordinate by coordinate"
+        )
 
     def _check(self, x: torch.Tensor, what: str) -> None:
         check_event(x, self.input_dim, type(self).__name__, what)
@@ -212,7 +308,7 @@ class ConditionalFlow(ConditionalTransformModule):
     With ``param_shapes``, it owns a :class:`~pyro_nflows.nn.ContextNet`
     mapping a context to tensors of those shapes, and subclasses implement
     ``_condition(*params)``, returning the ``Conditioned<X>`` transform for
-    those parameters. Without (flows whose own network reads the context, such
+    those parameters (each a callable returning a tensor). Without (flows whose own network reads the context, such
     as a MADE), ``_condition(context)`` receives the context itself.
     ``condition(context)`` checks the context's width first, so a wrong one
     gets an error that names this flow.
@@ -235,12 +331,17 @@ class ConditionalFlow(ConditionalTransformModule):
             self.net = ContextNet(context_dim, hidden_dims, param_shapes)
 
     def condition(self, context: torch.Tensor) -> FlowTransform:
+        """The ``Conditioned<X>`` transform for ``context``, whose parameters
+        are recomputed from it whenever they could be stale (see
+        :class:`ContextParameters`)."""
         check_event(context, self.context_dim, type(self).__name__, "context")
         if self._reads_context:
-            return self._condition(context)
-        return self._condition(*self.net(context))
+            transform = self._condition(context)
+        else:
+            transform = self._condition(*ContextParameters(self.net, context).parts(len(self.net.param_shapes)))
+        return condition_on(transform, self, context)
 
-    def _condition(self, *params: torch.Tensor) -> FlowTransform:
+    def _condition(self, *params: ParameterFn) -> FlowTransform:
         raise NotImplementedError
 
     def extra_repr(self) -> str:

@@ -145,7 +145,7 @@ def _check_split(input_dim: int, split_dim: int | None) -> int:
         raise ValueError(
             "a coupling flow needs input_dim >= 2 (one part to condition on, one to transform), "
             f"got input_dim={input_dim}; for a single coordinate use elementwise_affine or "
-            "elementwise_spline"
+            "elementwise_spline (conditional_elementwise_affine or conditional_elementwise_spline with a context)"
         )
     if split_dim is None:
         return input_dim // 2
@@ -186,10 +186,6 @@ def _coupling_net(
     return net
 
 
-def _last_hidden_width(net: ContextNet) -> int:
-    return net.net.hidden_dims[-1]
-
-
 # ---------------------------------------------------------------------------
 # The coupling, written once
 # ---------------------------------------------------------------------------
@@ -212,6 +208,8 @@ class ConditionedCoupling(FlowTransform):
     :param reverse: keep the second part and transform the first, instead
         of keeping the first and transforming the second.
     """
+
+    sign = +1  # every transformed coordinate increases with its own input
 
     def __init__(
         self,
@@ -436,9 +434,9 @@ class AdditiveCoupling(ConditionedAdditiveCoupling, TransformModule):
     starting at the identity; volume preserving.
 
     :param input_dim: the event size :math:`D \ge 2`.
-    :param split_dim: the size of the first part (default ``D // 2``).
     :param hidden_dims: hidden layer widths of the MLP (default:
         :func:`~pyro_nflows.nn.default_hidden_dims`, ``network="coupling"``).
+    :param split_dim: the size of the first part (default ``D // 2``).
     :param reverse: transform the first part, conditioned on the second.
     :param identity_init: start at the identity (the network's last layer
         zero); ``False`` starts as a mild random map (torch's default
@@ -450,8 +448,9 @@ class AdditiveCoupling(ConditionedAdditiveCoupling, TransformModule):
     def __init__(
         self,
         input_dim: int,
-        split_dim: int | None = None,
         hidden_dims: Sequence[int] | None = None,
+        split_dim: int | None = None,
+        *,
         reverse: bool = False,
         identity_init: bool = True,
         cache_size: int = 1,
@@ -476,9 +475,9 @@ class AffineCoupling(ConditionedAffineCoupling, TransformModule):
         torch.Size([2])
 
     :param input_dim: the event size :math:`D \ge 2`.
-    :param split_dim: the size of the first part (default ``D // 2``).
     :param hidden_dims: hidden layer widths of the MLP (default:
         :func:`~pyro_nflows.nn.default_hidden_dims`, ``network="coupling"``).
+    :param split_dim: the size of the first part (default ``D // 2``).
     :param reverse: transform the first part, conditioned on the second.
     :param log_scale_bound: :math:`B`, the bound on :math:`|s|`.
     :param identity_init: start at the identity (the network's last layer
@@ -491,8 +490,9 @@ class AffineCoupling(ConditionedAffineCoupling, TransformModule):
     def __init__(
         self,
         input_dim: int,
-        split_dim: int | None = None,
         hidden_dims: Sequence[int] | None = None,
+        split_dim: int | None = None,
+        *,
         reverse: bool = False,
         log_scale_bound: float = 3.0,
         identity_init: bool = True,
@@ -529,6 +529,7 @@ class SplineCoupling(ConditionedSplineCoupling, TransformModule):
         hidden_dims: Sequence[int] | None = None,
         count_bins: int = 8,
         bound: float = 3.0,
+        *,
         reverse: bool = False,
         spline_from: str = "z",
         cache_size: int = 1,
@@ -537,7 +538,7 @@ class SplineCoupling(ConditionedSplineCoupling, TransformModule):
             input_dim, None, split_dim, reverse, count_bins, bound, spline_from=spline_from, cache_size=cache_size
         )
         self.net = _coupling_net(self.kept_dim, hidden_dims, self.param_shapes(), input_dim)
-        self.output_scale = _last_hidden_width(self.net) ** -0.5
+        self.output_scale = self.net.last_width**-0.5
 
 
 # ---------------------------------------------------------------------------
@@ -602,8 +603,9 @@ class ConditionalAdditiveCoupling(ConditionalCoupling):
         self,
         input_dim: int,
         context_dim: int,
-        split_dim: int | None = None,
         hidden_dims: Sequence[int] | None = None,
+        split_dim: int | None = None,
+        *,
         reverse: bool = False,
         identity_init: bool = True,
     ):
@@ -620,8 +622,9 @@ class ConditionalAffineCoupling(ConditionalCoupling):
         self,
         input_dim: int,
         context_dim: int,
-        split_dim: int | None = None,
         hidden_dims: Sequence[int] | None = None,
+        split_dim: int | None = None,
+        *,
         reverse: bool = False,
         log_scale_bound: float = 3.0,
         identity_init: bool = True,
@@ -645,6 +648,7 @@ class ConditionalSplineCoupling(ConditionalCoupling):
         hidden_dims: Sequence[int] | None = None,
         count_bins: int = 8,
         bound: float = 3.0,
+        *,
         reverse: bool = False,
         spline_from: str = "z",
     ):
@@ -658,7 +662,7 @@ class ConditionalSplineCoupling(ConditionalCoupling):
             bound=bound,
             spline_from=spline_from,
         )
-        self._options["output_scale"] = _last_hidden_width(self.net) ** -0.5
+        self._options["output_scale"] = self.net.last_width**-0.5
 
 
 # ---------------------------------------------------------------------------
@@ -666,27 +670,42 @@ class ConditionalSplineCoupling(ConditionalCoupling):
 # ---------------------------------------------------------------------------
 
 
+def _check_dim(dim: int) -> None:
+    if dim != -1:
+        raise ValueError(
+            f"dim={dim!r}: the couplings here split the last dimension of a vector (dim=-1, Pyro's default); "
+            "move the dimension to split last (e.g. with x.movedim) before the flow"
+        )
+
+
 def additive_coupling(
     input_dim: int,
-    split_dim: int | None = None,
     hidden_dims: Sequence[int] | None = None,
+    split_dim: int | None = None,
+    *,
     reverse: bool = False,
     identity_init: bool = True,
 ) -> AdditiveCoupling:
-    """A learnable NICE (additive, volume-preserving) coupling layer."""
-    return AdditiveCoupling(input_dim, split_dim, hidden_dims, reverse, identity_init)
+    """A learnable NICE (additive, volume-preserving) coupling layer (arguments as :func:`affine_coupling`'s)."""
+    return AdditiveCoupling(input_dim, hidden_dims, split_dim, reverse=reverse, identity_init=identity_init)
 
 
 def affine_coupling(
     input_dim: int,
-    split_dim: int | None = None,
     hidden_dims: Sequence[int] | None = None,
+    split_dim: int | None = None,
+    dim: int = -1,
+    *,
     reverse: bool = False,
     log_scale_bound: float = 3.0,
     identity_init: bool = True,
 ) -> AffineCoupling:
-    """A learnable RealNVP (affine) coupling layer with a log-scale bounded by ``log_scale_bound``."""
-    return AffineCoupling(input_dim, split_dim, hidden_dims, reverse, log_scale_bound, identity_init)
+    """A learnable RealNVP (affine) coupling layer with a log-scale bounded by
+    ``log_scale_bound``; the positional arguments are Pyro's ``affine_coupling``'s."""
+    _check_dim(dim)
+    return AffineCoupling(
+        input_dim, hidden_dims, split_dim, reverse=reverse, log_scale_bound=log_scale_bound, identity_init=identity_init
+    )
 
 
 def spline_coupling(
@@ -695,38 +714,55 @@ def spline_coupling(
     hidden_dims: Sequence[int] | None = None,
     count_bins: int = 8,
     bound: float = 3.0,
+    *,
     reverse: bool = False,
     spline_from: str = "z",
 ) -> SplineCoupling:
-    """A learnable rational-quadratic spline coupling layer, ``count_bins`` bins on ``[-bound, bound]``;
-    ``spline_from="x"`` puts the spline on the data side (for density estimation)."""
-    return SplineCoupling(input_dim, split_dim, hidden_dims, count_bins, bound, reverse, spline_from)
+    """A learnable rational-quadratic spline coupling layer, ``count_bins`` bins on ``[-bound, bound]``
+    (the positional arguments are Pyro's ``spline_coupling``'s); ``spline_from="x"`` puts the spline on
+    the data side (for density estimation)."""
+    return SplineCoupling(
+        input_dim, split_dim, hidden_dims, count_bins, bound, reverse=reverse, spline_from=spline_from
+    )
 
 
 def conditional_additive_coupling(
     input_dim: int,
     context_dim: int,
-    split_dim: int | None = None,
     hidden_dims: Sequence[int] | None = None,
+    split_dim: int | None = None,
+    *,
     reverse: bool = False,
     identity_init: bool = True,
 ) -> ConditionalAdditiveCoupling:
     """A NICE coupling layer whose shift an MLP computes from the kept part and a context."""
-    return ConditionalAdditiveCoupling(input_dim, context_dim, split_dim, hidden_dims, reverse, identity_init)
+    return ConditionalAdditiveCoupling(
+        input_dim, context_dim, hidden_dims, split_dim, reverse=reverse, identity_init=identity_init
+    )
 
 
 def conditional_affine_coupling(
     input_dim: int,
     context_dim: int,
-    split_dim: int | None = None,
     hidden_dims: Sequence[int] | None = None,
+    split_dim: int | None = None,
+    dim: int = -1,
+    *,
     reverse: bool = False,
     log_scale_bound: float = 3.0,
     identity_init: bool = True,
 ) -> ConditionalAffineCoupling:
-    """A RealNVP coupling layer whose scale and shift an MLP computes from the kept part and a context."""
+    """A RealNVP coupling layer whose scale and shift an MLP computes from the kept part and a context
+    (the positional arguments are Pyro's ``conditional_affine_coupling``'s)."""
+    _check_dim(dim)
     return ConditionalAffineCoupling(
-        input_dim, context_dim, split_dim, hidden_dims, reverse, log_scale_bound, identity_init
+        input_dim,
+        context_dim,
+        hidden_dims,
+        split_dim,
+        reverse=reverse,
+        log_scale_bound=log_scale_bound,
+        identity_init=identity_init,
     )
 
 
@@ -737,10 +773,12 @@ def conditional_spline_coupling(
     hidden_dims: Sequence[int] | None = None,
     count_bins: int = 8,
     bound: float = 3.0,
+    *,
     reverse: bool = False,
     spline_from: str = "z",
 ) -> ConditionalSplineCoupling:
-    """A spline coupling layer whose knots an MLP computes from the kept part and a context."""
+    """A spline coupling layer whose knots an MLP computes from the kept part and a context
+    (arguments in :func:`spline_coupling`'s order)."""
     return ConditionalSplineCoupling(
-        input_dim, context_dim, split_dim, hidden_dims, count_bins, bound, reverse, spline_from
+        input_dim, context_dim, split_dim, hidden_dims, count_bins, bound, reverse=reverse, spline_from=spline_from
     )

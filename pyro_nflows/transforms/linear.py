@@ -41,7 +41,7 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, ParameterFn, resolve
 from pyro_nflows.transforms.matrices import count_off_diagonal, fill_triangle, matvec, reflect, triangular_solve
 from pyro_nflows.validation import check_count, check_input_dim
 
@@ -151,30 +151,34 @@ class ConditionalHouseholder(ConditionalFlow):
         self,
         input_dim: int,
         context_dim: int,
-        count_transforms: int = 1,
         hidden_dims: Sequence[int] | None = None,
+        count_transforms: int = 1,
     ):
         count_transforms = check_count("count_transforms", count_transforms)
         super().__init__(input_dim, context_dim, [(count_transforms, input_dim)], hidden_dims)
         self.count_transforms = count_transforms
 
-    def _condition(self, vectors: torch.Tensor) -> ConditionedHouseholder:
+    def _condition(self, vectors: ParameterFn) -> ConditionedHouseholder:
         return ConditionedHouseholder(self.input_dim, vectors)
 
 
-def householder(input_dim: int, count_transforms: int = 1) -> Householder:
-    """``count_transforms`` learnable Householder reflections of ``input_dim`` vectors."""
+def householder(input_dim: int, count_transforms: int | None = None) -> Householder:
+    """``count_transforms`` learnable Householder reflections of ``input_dim``
+    vectors; by default ``input_dim // 2 + 1``, as Pyro's ``householder``."""
+    if count_transforms is None:
+        count_transforms = check_input_dim(input_dim) // 2 + 1
     return Householder(input_dim, count_transforms=count_transforms)
 
 
 def conditional_householder(
     input_dim: int,
     context_dim: int,
-    count_transforms: int = 1,
     hidden_dims: Sequence[int] | None = None,
+    count_transforms: int = 1,
 ) -> ConditionalHouseholder:
-    """Householder reflections whose vectors an MLP computes from a context."""
-    return ConditionalHouseholder(input_dim, context_dim, count_transforms, hidden_dims)
+    """Householder reflections whose vectors an MLP computes from a context
+    (the arguments of Pyro's ``conditional_householder``)."""
+    return ConditionalHouseholder(input_dim, context_dim, hidden_dims, count_transforms)
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +201,7 @@ class ConditionedTriangularLinear(FlowTransform):
 
     volume_preserving = True
     autoregressive = True
+    sign = +1  # unit lower triangular: y_i = x_i + terms in the x_j, j < i
 
     def __init__(self, input_dim: int, entries=None, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
@@ -246,7 +251,7 @@ class ConditionalTriangularLinear(ConditionalFlow):
     def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None):
         super().__init__(input_dim, context_dim, [(count_off_diagonal(input_dim),)], hidden_dims)
 
-    def _condition(self, entries: torch.Tensor) -> ConditionedTriangularLinear:
+    def _condition(self, entries: ParameterFn) -> ConditionedTriangularLinear:
         return ConditionedTriangularLinear(self.input_dim, entries)
 
 
@@ -319,7 +324,7 @@ class ConditionalConvexTriangularLinear(ConditionalFlow):
         super().__init__(input_dim, context_dim, shapes, hidden_dims)
         self.count_matrices = count_matrices
 
-    def _condition(self, components: torch.Tensor, logits: torch.Tensor) -> ConditionedConvexTriangularLinear:
+    def _condition(self, components: ParameterFn, logits: ParameterFn) -> ConditionedConvexTriangularLinear:
         return ConditionedConvexTriangularLinear(self.input_dim, components, logits)
 
 

@@ -54,9 +54,16 @@ class PermuteModule(FlowTransform, Permute, TransformModule):
         return f"input_dim={self.input_dim}, permutation={self.permutation.tolist()}"
 
 
-def random_permutation(input_dim: int, permutation: torch.Tensor | None = None) -> PermuteModule:
-    """A :class:`PermuteModule` with the given permutation, or a random one."""
+def random_permutation(input_dim: int, permutation: torch.Tensor | None = None, dim: int = -1) -> PermuteModule:
+    """A :class:`PermuteModule` with the given permutation, or a random one:
+    Pyro's ``permute(input_dim, permutation=None, dim=-1)`` as a module (only
+    the last dimension, ``dim=-1``, is permuted here)."""
     check_input_dim(input_dim)
+    if dim != -1:
+        raise ValueError(
+            f"dim={dim!r}: random_permutation permutes the last dimension (dim=-1); for another dimension use "
+            "Pyro's permute(input_dim, permutation, dim=dim), whose permutation is not saved by state_dict"
+        )
     if permutation is None:
         permutation = torch.randperm(input_dim)
     elif torch.as_tensor(permutation).numel() != input_dim:

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, ParameterFn, resolve
 from pyro_nflows.transforms.roots import monotone_root
 from pyro_nflows.validation import check_finite, check_input_dim
 
@@ -264,7 +264,7 @@ class ConditionalPlanar(ConditionalFlow):
     def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None):
         super().__init__(input_dim, context_dim, [(input_dim,), (input_dim,), (1,)], hidden_dims)
 
-    def _condition(self, u: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> ConditionedPlanar:
+    def _condition(self, u: ParameterFn, w: ParameterFn, bias: ParameterFn) -> ConditionedPlanar:
         return ConditionedPlanar(self.input_dim, u, w, bias)
 
 

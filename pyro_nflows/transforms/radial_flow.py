@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, ParameterFn, resolve
 from pyro_nflows.validation import check_finite, check_input_dim
 
 __all__ = [
@@ -182,7 +182,7 @@ class ConditionalRadial(ConditionalFlow):
     def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None):
         super().__init__(input_dim, context_dim, [(input_dim,), (1,), (1,)], hidden_dims)
 
-    def _condition(self, x0: torch.Tensor, alpha_prime: torch.Tensor, beta_prime: torch.Tensor) -> ConditionedRadial:
+    def _condition(self, x0: ParameterFn, alpha_prime: ParameterFn, beta_prime: ParameterFn) -> ConditionedRadial:
         return ConditionedRadial(self.input_dim, x0, alpha_prime, beta_prime)
 
 

@@ -100,6 +100,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -107,7 +108,7 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
-from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, resolve
+from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, ParameterFn, resolve
 from pyro_nflows.transforms.matrices import count_off_diagonal, fill_triangle, matvec, reflect
 from pyro_nflows.transforms.roots import monotone_root
 from pyro_nflows.validation import check_bool, check_count, check_finite, check_input_dim
@@ -194,6 +195,14 @@ def orthogonalise(matrix: torch.Tensor, max_iterations: int = 100) -> torch.Tens
         f"(max |Q^T Q - I| = {defect_size:.3g}, tolerance {tolerance:.3g}); the columns of "
         "Q's free matrix are (nearly) linearly dependent"
     )
+
+
+def _resolve_kind(kind: str | None, count_transforms: int | None) -> str:
+    """``kind``, or without one ``"householder"`` when a number of reflections
+    is given (Pyro's ``sylvester(D, K)``) and ``"orthogonal"`` otherwise."""
+    if kind is None:
+        return "orthogonal" if count_transforms is None else "householder"
+    return kind
 
 
 def _check_options(
@@ -442,7 +451,10 @@ class Sylvester(ConditionedSylvester, TransformModule):
     count_ortho_vectors``, default :math:`\lceil D/2 \rceil`), a product of
     ``count_transforms`` reflections (``kind="householder"``, default
     :math:`D`), or the identity / reversal permutation (``kind="triangular"``,
-    ``reverse``); :math:`R, \tilde R` upper triangular with diagonals in
+    ``reverse``). Without a ``kind``, giving ``count_transforms`` selects
+    ``"householder"`` (Pyro's ``Sylvester(D, K)`` is that flow, with the
+    log-determinant made exact, see the module docstring) and otherwise it
+    is ``"orthogonal"``; :math:`R, \tilde R` upper triangular with diagonals in
     :math:`(-1, 1)`. Exact log-determinant; numerical inverse (see the module
     docstring for its cost). Starts near the identity map: a random
     orthonormal :math:`Q` (or random reflections), small random :math:`R, \tilde R, b`.
@@ -465,12 +477,14 @@ class Sylvester(ConditionedSylvester, TransformModule):
     def __init__(
         self,
         input_dim: int,
-        kind: str = "orthogonal",
-        count_ortho_vectors: int | None = None,
         count_transforms: int | None = None,
+        *,
+        kind: str | None = None,
+        count_ortho_vectors: int | None = None,
         reverse: bool = False,
         cache_size: int = 1,
     ):
+        kind = _resolve_kind(kind, count_transforms)
         size, count = _check_options(input_dim, kind, count_ortho_vectors, count_transforms, reverse)
         super().__init__(input_dim, kind, reverse=reverse, cache_size=cache_size)
         if kind == "orthogonal":
@@ -514,12 +528,14 @@ class ConditionalSylvester(ConditionalFlow):
         self,
         input_dim: int,
         context_dim: int,
-        kind: str = "orthogonal",
-        count_ortho_vectors: int | None = None,
-        count_transforms: int | None = None,
-        reverse: bool = False,
         hidden_dims: Sequence[int] | None = None,
+        count_transforms: int | None = None,
+        *,
+        kind: str | None = None,
+        count_ortho_vectors: int | None = None,
+        reverse: bool = False,
     ):
+        kind = _resolve_kind(kind, count_transforms)
         size, count = _check_options(input_dim, kind, count_ortho_vectors, count_transforms, reverse)
         shapes = []
         if kind == "orthogonal":
@@ -533,12 +549,12 @@ class ConditionalSylvester(ConditionalFlow):
         self.reverse = reverse
         self.num_hidden = size
 
-    def _condition(self, *params: torch.Tensor) -> ConditionedSylvester:
+    def _condition(self, *params: ParameterFn) -> ConditionedSylvester:
         q = None
         if self.kind != "triangular":
             q, *params = params
             if self.kind == "orthogonal":
-                q = q + torch.eye(*q.shape[-2:], dtype=q.dtype, device=q.device)
+                q = functools.partial(_plus_identity, q)
         r_entries, r_diagonal, r_tilde_entries, r_tilde_diagonal, bias = params
         return ConditionedSylvester(
             self.input_dim,
@@ -557,30 +573,51 @@ class ConditionalSylvester(ConditionalFlow):
         return super().extra_repr() + f", kind={self.kind!r}, M={self.num_hidden}{extra}"
 
 
+def _plus_identity(free: ParameterFn) -> torch.Tensor:
+    """``free() + E``, ``E`` the first columns of the identity (a conditional
+    orthogonal Sylvester flow's free matrix)."""
+    value = free()
+    return value + torch.eye(*value.shape[-2:], dtype=value.dtype, device=value.device)
+
+
 def sylvester(
     input_dim: int,
-    kind: str = "orthogonal",
-    count_ortho_vectors: int | None = None,
     count_transforms: int | None = None,
+    *,
+    kind: str | None = None,
+    count_ortho_vectors: int | None = None,
     reverse: bool = False,
 ) -> Sylvester:
     """A learnable Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``; ``kind`` is
     ``"orthogonal"`` (``count_ortho_vectors`` columns, default ceil(D/2)),
     ``"householder"`` (``count_transforms`` reflections, default D) or
-    ``"triangular"`` (``reverse`` picks the reversal permutation)."""
-    return Sylvester(input_dim, kind, count_ortho_vectors, count_transforms, reverse)
+    ``"triangular"`` (``reverse`` picks the reversal permutation). Pyro's
+    ``sylvester(D, K)``, ``K`` reflections, is ``sylvester(D, K)`` here too;
+    without ``K`` or a ``kind``, the orthogonal kind (Pyro's default is
+    ``K = D // 2 + 1`` reflections)."""
+    return Sylvester(
+        input_dim, count_transforms, kind=kind, count_ortho_vectors=count_ortho_vectors, reverse=reverse
+    )
 
 
 def conditional_sylvester(
     input_dim: int,
     context_dim: int,
-    kind: str = "orthogonal",
-    count_ortho_vectors: int | None = None,
-    count_transforms: int | None = None,
-    reverse: bool = False,
     hidden_dims: Sequence[int] | None = None,
+    count_transforms: int | None = None,
+    *,
+    kind: str | None = None,
+    count_ortho_vectors: int | None = None,
+    reverse: bool = False,
 ) -> ConditionalSylvester:
-    """A Sylvester flow whose parameters an MLP computes from a context."""
+    """A Sylvester flow whose parameters an MLP computes from a context (``kind``
+    and the counts as in :func:`sylvester`)."""
     return ConditionalSylvester(
-        input_dim, context_dim, kind, count_ortho_vectors, count_transforms, reverse, hidden_dims
+        input_dim,
+        context_dim,
+        hidden_dims,
+        count_transforms,
+        kind=kind,
+        count_ortho_vectors=count_ortho_vectors,
+        reverse=reverse,
     )

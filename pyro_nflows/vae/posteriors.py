@@ -71,9 +71,11 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions.utils import _sum_rightmost
 
 from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.registry import build_flow, canonical_name, parse_spec
+from pyro_nflows.transforms.base import ContextParameters, condition_on
 from pyro_nflows.transforms.linear import ConditionedHouseholder
 from pyro_nflows.validation import check_count
 
@@ -212,7 +214,8 @@ class HouseholderChain(AmortizedFlow):
         return torch.stack(vectors, dim=-2)
 
     def forward(self, h: torch.Tensor) -> list:
-        return [ConditionedHouseholder(self.z_dim, self.vectors(h))]
+        vectors = ContextParameters(self.vectors, h, module=self)  # recomputed when stale
+        return [condition_on(ConditionedHouseholder(self.z_dim, vectors), self, h)]
 
     def extra_repr(self) -> str:
         return f"z_dim={self.z_dim}, context_dim={self.context_dim}, count={len(self.chain) + 1}"
@@ -273,6 +276,7 @@ class ConditionedPosterior:
         log_q = self.base().log_prob(z)
         for transform in self.transforms:
             z_next = transform(z)
-            log_q = log_q - transform.log_abs_det_jacobian(z, z_next)
+            log_det = transform.log_abs_det_jacobian(z, z_next)
+            log_q = log_q - _sum_rightmost(log_det, 1 - transform.codomain.event_dim)  # element-wise flows
             z = z_next
         return z, log_q
