@@ -118,6 +118,7 @@ def test_pyro_names_are_aliases_of_ours():
     flow = transforms.affine_autoregressive(3, [8])
     assert flow.made_reads == "input" and flow.sign == 1  # IAF: one-pass sampling, like Pyro's
     assert transforms.conditional_affine_autoregressive(3, 2, [8]).made_reads == "input"
-    for make in (lambda: transforms.spline(3, order="linear"), lambda: transforms.spline_autoregressive(3, order="linear")):
+    linear = (lambda: transforms.spline(3, order="linear"), lambda: transforms.spline_autoregressive(3, order="linear"))
+    for make in linear:
         with pytest.raises(NotImplementedError, match="order='quadratic'"):
             make()
