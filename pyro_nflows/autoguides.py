@@ -94,6 +94,7 @@ from typing import Any, Callable, Sequence, Union
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.transforms import Permute
@@ -114,7 +115,7 @@ from pyro_nflows.registry import build_flow, parse_spec
 from pyro_nflows.transforms.elementwise import ActNorm, ElementwiseAffine
 from pyro_nflows.transforms.linear import ConvexTriangularLinear, Householder, LULinear, QRLinear, TriangularLinear
 from pyro_nflows.transforms.sylvester_flow import KINDS as SYLVESTER_KINDS
-from pyro_nflows.validation import check_count, check_positive
+from pyro_nflows.validation import check_bool, check_count, check_hidden_dims, check_positive
 
 __all__ = [
     "AutoConvexTriangular",
@@ -181,6 +182,27 @@ def _declared_input_dim(transform: Transform) -> int | None:
         if isinstance(size, int) and not isinstance(size, bool):
             return size
     return None
+
+
+def _arguments_signature(args: tuple, kwargs: dict) -> tuple:
+    """What of a model's arguments can change its latent sites' shapes: the
+    shapes of tensors, the lengths of sequences, and plain numbers and strings."""
+
+    def one(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape))
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return ("value", value)
+        if isinstance(value, (list, tuple)):
+            return ("sequence", len(value))
+        return ("object", type(value).__name__)
+
+    return tuple(one(value) for value in args), tuple(sorted((key, one(value)) for key, value in kwargs.items()))
+
+
+def _latent_shapes(trace) -> dict[str, tuple[int, ...]]:
+    """The shapes of a model trace's latent sample sites, by name."""
+    return {name: tuple(site["value"].shape) for name, site in trace.iter_stochastic_nodes()}
 
 
 class AutoFlow(AutoContinuous):
@@ -275,6 +297,7 @@ class AutoFlow(AutoContinuous):
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
+        self._latent_signature = (_arguments_signature(args, kwargs), _latent_shapes(self.prototype_trace))
         init_loc = self._init_loc()
         dim = self.latent_dim
         if self._flow is not None:
@@ -302,6 +325,31 @@ class AutoFlow(AutoContinuous):
                     "building a different guide of the same name"
                 )
         self._flow_stack()  # registers the flow's parameters now, as loc and scale are
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is not None:
+            self._check_latents_unchanged(args, kwargs)
+        return super().forward(*args, **kwargs)
+
+    def _check_latents_unchanged(self, args: tuple, kwargs: dict) -> None:
+        """When the model's arguments change shape, run the model again and
+        refuse latent sites other than the ones this guide was built for
+        (say, a plate over data of another size); ``ValueError`` naming them."""
+        signature, shapes = self._latent_signature
+        new_signature = _arguments_signature(args, kwargs)
+        if new_signature == signature:
+            return
+        trace = poutine.block(poutine.trace(poutine.block(self.model, self._prototype_hide_fn)).get_trace)(
+            *args, **kwargs
+        )
+        new_shapes = _latent_shapes(trace)
+        if new_shapes != shapes:
+            raise ValueError(
+                f"{type(self).__name__} was built for the latent sites {shapes} (name: shape), but the model "
+                f"called with these arguments has {new_shapes}: build a new guide for it (after "
+                "pyro.clear_param_store())"
+            )
+        self._latent_signature = (new_signature, shapes)
 
     # -- the posterior ------------------------------------------------------
 
@@ -599,14 +647,14 @@ class AutoIAF(AutoFlow):
     ):
         check_count("num_transforms", num_transforms)
         if hidden_dims is not None:
-            hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
+            hidden_dims = check_hidden_dims(hidden_dims, minimum_layers=1)
         flow = functools.partial(
-            _registry_flow, "iaf", num_transforms, {"hidden_dims": hidden_dims, "stable": bool(stable)}
+            _registry_flow, "iaf", num_transforms, {"hidden_dims": hidden_dims, "stable": check_bool("stable", stable)}
         )
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.num_transforms = num_transforms
         self.hidden_dims = hidden_dims
-        self.stable = bool(stable)
+        self.stable = stable
 
 
 class AutoSylvester(AutoFlow):

@@ -334,6 +334,11 @@ def _build_item(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"flow {entry.name!r} takes no option {unknown}; its options are {allowed}")
+    if count is not None and entry.count in options:
+        raise ValueError(
+            f"flow {entry.name!r}: N ({count}) sets {entry.count}, which the options set too "
+            f"({options[entry.count]}); give it once"
+        )
     options = {**{key: value for key, value in defaults.items() if key in allowed}, **options}
     layers = 1
     if count is not None:

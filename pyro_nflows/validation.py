@@ -16,6 +16,7 @@ __all__ = [
     "check_count",
     "check_event",
     "check_finite",
+    "check_hidden_dims",
     "check_input_dim",
     "check_positive",
     "check_rows",
@@ -38,6 +39,19 @@ def check_count(name: str, value: int, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return value
+
+
+def check_hidden_dims(hidden_dims, minimum_layers: int = 0) -> list[int]:
+    """Return ``hidden_dims`` as a list of widths if it is a sequence of at least
+    ``minimum_layers`` integers >= 1 (such as ``(64, 64)``), else raise ``ValueError``."""
+    if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, (list, tuple, range)):
+        raise ValueError(
+            f"hidden_dims must be a sequence of layer widths such as (64, 64), got {hidden_dims!r}"
+        )
+    widths = [check_count("every entry of hidden_dims", width) for width in hidden_dims]
+    if len(widths) < minimum_layers:
+        raise ValueError(f"hidden_dims must hold at least {minimum_layers} width(s), got {hidden_dims!r}")
+    return widths
 
 
 def check_positive(name: str, value: float) -> float:

@@ -36,7 +36,9 @@ when ``context_dim`` is given; then one helper a step asserts, in order:
    :func:`_check_traces`: ``torch.jit.trace`` of a module holding the flow
    works and gives the eager outputs;
 9. :func:`_check_wrong_widths`: an input or context of the wrong width raises
-   ``ValueError``;
+   ``ValueError``; :func:`_check_wrong_dtypes_and_batches`: so do an input or
+   context of another dtype than the parameters' and a context batch that does
+   not broadcast against the input's;
 10. :func:`_check_param_store`: ``pyro.module`` registers every parameter
     itself, not a copy (Pyro's param store keeps a contiguous copy of a
     non-contiguous tensor, which an optimiser would then update while the
@@ -55,6 +57,7 @@ from typing import Callable
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from pyro.distributions import ConditionalTransformModule
 from torch.distributions.transforms import Transform
@@ -169,6 +172,7 @@ def check_transform(
         _check_conditioned_stays_fresh(trained, x, context)
     _check_traces(trained, x, context)
     _check_wrong_widths(trained, input_dim, context_dim, generator)
+    _check_wrong_dtypes_and_batches(trained, input_dim, context_dim, generator)
     _check_param_store(build())
 
 
@@ -384,6 +388,27 @@ def _check_wrong_widths(trained, input_dim, context_dim, generator) -> None:
         assert str(context_dim) in str(error)
     else:
         raise AssertionError("a context of the wrong width did not raise ValueError")
+
+
+def _check_wrong_dtypes_and_batches(trained, input_dim, context_dim, generator) -> None:
+    """Step 9b: a float64 input into the float32 flow (and a float64 context),
+    and a context batch that does not broadcast against the input's, raise
+    ``ValueError`` naming what was wrong, not a dtype or shape error from
+    deep inside torch."""
+    conditional = _is_conditional(trained)
+    context = _context((3,), context_dim, torch.float32, generator) if conditional else None
+    transform = _plain(trained, context)
+    if any(p.is_floating_point() for p in trained.parameters()):
+        for call in (transform, transform.inv):
+            with pytest.raises(ValueError, match="float64"):
+                call(_points((3,), input_dim, torch.float64, generator))
+        if conditional:
+            with pytest.raises(ValueError, match="float64"):
+                trained.condition(context.double())
+    if conditional:
+        for call in (transform, transform.inv):
+            with pytest.raises(ValueError, match="does not broadcast"):
+                call(_points((4,), input_dim, torch.float32, generator))
 
 
 def _check_param_store(fresh) -> None:

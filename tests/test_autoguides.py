@@ -497,3 +497,20 @@ def test_bad_quantiles():
     for bad in ([0.0, 0.5], [1.5], []):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
             guide.quantiles(bad, DATA)
+
+
+def test_a_guide_refuses_a_model_whose_latent_sites_changed():
+    def model(data):
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    guide = AutoIAF(model, hidden_dims=[8])
+    guide(torch.randn(5))
+    guide(torch.randn(5))  # the same shapes: nothing re-traced
+    with pytest.raises(ValueError, match=r"built for the latent sites \{'z': \(5,\)\}.*\{'z': \(7,\)\}"):
+        guide(torch.randn(7))
+    pyro.clear_param_store()
+    global_only = AutoIAF(mixed, hidden_dims=[8])
+    global_only(DATA)
+    assert set(global_only(torch.randn(9))) == {"noise", "weight", "effect"}  # more data, the same latents

@@ -271,3 +271,23 @@ def test_the_sequential_path_runs_small_batches_on_one_thread_and_restores_the_c
             assert torch.get_num_threads() == 2  # restored after an error too
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_sequential_direction_raises_where_its_result_overflows():
+    """Far in the tails, each coordinate rescales the next and the true result
+    leaves the dtype's range: FloatingPointError, never a silent inf or NaN."""
+    torch.manual_seed(0)
+    flow = moved(iaf(3, stable=True), 0.3, seed=0).with_cache(0)
+    with torch.no_grad():
+        x = flow.inv(torch.randn(200, 3))  # ordinary points: finite
+        assert torch.isfinite(x).all()
+        with pytest.raises(FloatingPointError, match="overflows torch.float32 at"):
+            flow.inv(100 * torch.randn(200, 3))
+        with pytest.raises(ValueError, match="non-finite input"):
+            flow.inv(torch.tensor([[0.0, float("nan"), 1.0]]))
+
+
+def test_stable_must_be_a_bool():
+    for make in (lambda: iaf(3, stable="no"), lambda: conditional_iaf(3, 2, stable=1)):
+        with pytest.raises(ValueError, match="stable must be True or False"):
+            make()

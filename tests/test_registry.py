@@ -122,3 +122,20 @@ def test_pyro_names_are_aliases_of_ours():
     for make in linear:
         with pytest.raises(NotImplementedError, match="order='quadratic'"):
             make()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("householder:2(count_transforms=3)", "N \\(2\\) sets count_transforms, which the options set too"),
+        ("iaf(stable=false)", "stable must be True or False, got 'false'"),
+        ("iaf(stable=yes)", "stable must be True or False, got 'yes'"),
+        ("iaf(stable='no')", "stable must be True or False, got 'no'"),
+        ("maf(hidden_dims=8)", "hidden_dims must be a sequence of layer widths"),
+    ],
+)
+def test_options_are_never_read_loosely_or_dropped(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_flow(spec, 3)
+    with pytest.raises(ValueError, match=message):
+        build_flow(spec, 3, context_dim=2)

@@ -18,7 +18,7 @@ import torch
 from pyro.nn import DenseNN
 from torch import nn
 
-from pyro_nflows.validation import check_count
+from pyro_nflows.validation import check_count, check_hidden_dims
 
 __all__ = ["ContextNet"]
 
@@ -43,7 +43,7 @@ class ContextNet(nn.Module):
     ):
         super().__init__()
         self.context_dim = check_count("context_dim", context_dim)
-        hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
+        hidden_dims = check_hidden_dims(hidden_dims)
         self.param_shapes = [tuple(int(s) for s in shape) for shape in param_shapes]
         sizes = [math.prod(shape) for shape in self.param_shapes]
         # One output block per parameter; an empty block (a 1-D triangular

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_nflows.validation import check_count, check_event, check_positive
+from pyro_nflows.validation import check_count, check_event, check_hidden_dims, check_positive
 
 __all__ = ["MADE"]
 
@@ -127,7 +127,7 @@ class MADE(nn.Module):
         self.input_dim = check_count("input_dim", input_dim)
         self.param_dim = check_count("param_dim", param_dim)
         self.context_dim = None if context_dim is None else check_count("context_dim", context_dim)
-        hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
+        hidden_dims = check_hidden_dims(hidden_dims)
         if not hidden_dims:
             raise ValueError("MADE needs at least one hidden layer")
         output_init_scale = check_positive("output_init_scale", output_init_scale)

@@ -45,7 +45,7 @@ from pyro_nflows.nn.made import MADE
 from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
 from pyro_nflows.transforms.maps import AffineMap, GatedAffineMap, SplineMap, data_affine_map
-from pyro_nflows.validation import check_bool, check_input_dim, check_spline_order
+from pyro_nflows.validation import check_bool, check_finite, check_input_dim, check_spline_order
 
 __all__ = [
     "ConditionalMaskedAutoregressive",
@@ -102,18 +102,31 @@ class ConditionedMaskedAutoregressive(FlowTransform):
     def _call(self, z: torch.Tensor) -> torch.Tensor:
         if self.made_reads == "input":
             return self.elementwise.forward(z, self._theta(z))[0]
-        step_into = getattr(self.elementwise, "forward_into", None)
-        return self.made.invert(
-            z, lambda z_i, theta_i: self.elementwise.forward(z_i, theta_i)[0], self.context, step_into
-        )
+        return self._sequential(z, inverse=False)
 
     def _inverse(self, x: torch.Tensor) -> torch.Tensor:
         if self.made_reads == "output":
             return self.elementwise.inverse(x, self._theta(x))[0]
-        step_into = getattr(self.elementwise, "inverse_into", None)
-        return self.made.invert(
-            x, lambda x_i, theta_i: self.elementwise.inverse(x_i, theta_i)[0], self.context, step_into
-        )
+        return self._sequential(x, inverse=True)
+
+    def _sequential(self, value: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """The direction the MADE does not read, by :meth:`MADE.invert`; a
+        non-finite input raises ``ValueError`` and a result that overflows the
+        dtype ``FloatingPointError`` (never a silent inf or NaN)."""
+        who = f"{type(self).__name__} ({'inverse' if inverse else 'forward'}, the sequential direction)"
+        check_finite(value, who)
+        map_ = self.elementwise.inverse if inverse else self.elementwise.forward
+        step_into = getattr(self.elementwise, "inverse_into" if inverse else "forward_into", None)
+        result = self.made.invert(value, lambda v_i, theta_i: map_(v_i, theta_i)[0], self.context, step_into)
+        finite = torch.isfinite(result)
+        if not bool(finite.all()):
+            bad = int((~finite.all(-1)).sum())
+            raise FloatingPointError(
+                f"{who} overflows {result.dtype} at {bad} of {finite[..., 0].numel()} points: each coordinate "
+                "rescales the next ones, and at these points the result is beyond the dtype's range "
+                "(points far in the tails of the flow, or, in float32, try float64)"
+            )
+        return result
 
     def _one_pass(self, value: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The cheap direction, with its log-determinant from the same pass."""

@@ -128,6 +128,30 @@ class ContextParameters:
         return {**self.__dict__, "_value": None, "_key": None}
 
 
+def _parameter_dtype(module: nn.Module | None) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (``None`` without one)."""
+    modules = [] if module is None else [module]
+    while modules:
+        module = modules.pop()
+        for parameter in module._parameters.values():
+            if parameter is not None and parameter.is_floating_point():
+                return parameter.dtype
+        modules.extend(m for m in module._modules.values() if m is not None)
+    return None
+
+
+def check_dtype(value: torch.Tensor, module: nn.Module | None, who: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``value`` has the dtype of ``module``'s
+    parameters (under autocast, which converts as it goes, anything passes)."""
+    dtype = _parameter_dtype(module)
+    if dtype is None or value.dtype == dtype or torch.is_autocast_enabled():
+        return
+    raise ValueError(
+        f"{who} has {dtype} parameters but got a {value.dtype} {what}: convert one to the other "
+        f"(flow.to({value.dtype}) or tensor.to({dtype}))"
+    )
+
+
 def condition_on(transform: "FlowTransform", module: nn.Module, context: torch.Tensor) -> "FlowTransform":
     """Mark ``transform`` as conditioned by ``module`` on ``context``: its cache
     is then keyed on the version counters of ``module``'s parameters and of the
@@ -196,7 +220,22 @@ class FlowTransform(Transform):
         )
 
     def _check(self, x: torch.Tensor, what: str) -> None:
-        check_event(x, self.input_dim, type(self).__name__, what)
+        """The input's size, its dtype against the parameters', and its batch
+        shape against the context's: a ``ValueError`` naming both, not a shape
+        or dtype error from deep inside torch."""
+        who = type(self).__name__
+        check_event(x, self.input_dim, who, what)
+        owner = self if isinstance(self, nn.Module) else self.__dict__.get("_owner")
+        check_dtype(x, owner, who, what)
+        context = self.__dict__.get("_context")
+        if context is not None:
+            try:
+                torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"{who} was conditioned on a context of batch shape {tuple(context.shape[:-1])}, which does "
+                    f"not broadcast against the {what}'s batch shape {tuple(x.shape[:-1])}"
+                ) from None
 
     def _cached(self, value: torch.Tensor, forward: bool) -> torch.Tensor:
         versions = self._parameter_versions()
@@ -335,6 +374,7 @@ class ConditionalFlow(ConditionalTransformModule):
         are recomputed from it whenever they could be stale (see
         :class:`ContextParameters`)."""
         check_event(context, self.context_dim, type(self).__name__, "context")
+        check_dtype(context, self, type(self).__name__, "context")
         if self._reads_context:
             transform = self._condition(context)
         else:

@@ -106,7 +106,14 @@ from pyro_nflows.nn.widths import default_hidden_dims
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform
 from pyro_nflows.transforms.maps import data_affine_map
 from pyro_nflows.transforms.splines import rational_quadratic_spline
-from pyro_nflows.validation import check_bool, check_count, check_input_dim, check_positive, check_spline_from
+from pyro_nflows.validation import (
+    check_bool,
+    check_count,
+    check_hidden_dims,
+    check_input_dim,
+    check_positive,
+    check_spline_from,
+)
 
 __all__ = [
     "AdditiveCoupling",
@@ -171,9 +178,7 @@ def _coupling_net(
     of transformed coordinates (see the module docstring)."""
     if hidden_dims is None:
         hidden_dims = default_hidden_dims(input_dim, context_dim, "coupling")
-    if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence) or not hidden_dims:
-        raise ValueError(f"hidden_dims must be a non-empty sequence of layer widths, got {hidden_dims!r}")
-    net = ContextNet(in_dim, hidden_dims, param_shapes)
+    net = ContextNet(in_dim, check_hidden_dims(hidden_dims, minimum_layers=1), param_shapes)
     last = net.net.layers[-1]
     with torch.no_grad():
         if check_bool("identity_init", identity_init):

@@ -135,9 +135,12 @@ class ConditionedRadial(FlowTransform):
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x0, alpha, gamma = self.constrained_parameters()
         r = _norm(x - x0)
-        log_alpha_r = torch.log(alpha + r)
-        radial_factor = torch.log(r * (r + 2 * alpha) + alpha * gamma) - 2 * log_alpha_r
-        log_det = (self.input_dim - 1) * (torch.log(gamma + r) - log_alpha_r) + radial_factor
+        # log((gamma + r) / (alpha + r)) and log((r (r + 2 alpha) + alpha gamma) / (alpha + r)^2),
+        # as log1p of small ratios: no overflow of r^2, and accurate far from x0.
+        shift = alpha + r
+        tangential = torch.log1p((gamma - alpha) / shift)
+        radial_factor = torch.log1p(alpha * (gamma - alpha) / shift / shift)
+        log_det = (self.input_dim - 1) * tangential + radial_factor
         return log_det.squeeze(-1)
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_nflows.validation import check_count
+from pyro_nflows.validation import check_count, check_hidden_dims
 
 __all__ = ["LOG_VARIANCE_BOUNDS", "Decoder", "Encoder", "GatedLinear", "GatedMLP"]
 
@@ -78,15 +78,9 @@ class GatedMLP(nn.Sequential):
     ``out_features`` is the width of what it returns."""
 
     def __init__(self, in_features: int, hidden_dims: Sequence[int]):
-        widths = [check_count("in_features", in_features)] + _check_widths(hidden_dims)
+        widths = [check_count("in_features", in_features)] + check_hidden_dims(hidden_dims)
         super().__init__(*(GatedLinear(a, b) for a, b in zip(widths[:-1], widths[1:])))
         self.out_features = widths[-1]
-
-
-def _check_widths(hidden_dims: Sequence[int]) -> list[int]:
-    if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence):
-        raise ValueError(f"hidden_dims must be a sequence of layer widths, got {hidden_dims!r}")
-    return [check_count("every entry of hidden_dims", width) for width in hidden_dims]
 
 
 class Encoder(nn.Module):
@@ -114,7 +108,7 @@ class Decoder(nn.Module):
 
     def __init__(self, z_dim: int, x_dim: int, hidden_dims: Sequence[int]):
         super().__init__()
-        self.body = GatedMLP(z_dim, list(reversed(_check_widths(hidden_dims))))
+        self.body = GatedMLP(z_dim, list(reversed(check_hidden_dims(hidden_dims))))
         self.out = nn.Linear(self.body.out_features, check_count("x_dim", x_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
