@@ -10,6 +10,15 @@
     pyro-nflows flows                        # the flows a --flow spec can name
     pyro-nflows vae --posterior householder:10 --dataset digits   # a VAE with a flow posterior; writes vae.pt
     pyro-nflows vae --dataset mnist --data-dir ~/data             # MNIST from IDX files you have downloaded
+
+Every output (model, checkpoint, samples, scores, picture) is checked before
+any work: its folder must exist and be writable, it must not be a directory,
+and it must not be an input or another output (``-o model.png`` would have
+its picture written over it). Every file is written atomically
+(:func:`pyro_nflows.saving.save_atomically`): a run killed while writing
+leaves the old file intact. An expected error (bad data or options,
+unreadable or missing files, permissions) is one line,
+``pyro-nflows: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from typing import Sequence
 import torch
 
 from pyro_nflows import datasets
-from pyro_nflows.density import DEFAULT_FLOW, PRESETS, DensityModel, fit, load
+from pyro_nflows.density import DEFAULT_FLOW, PRESETS, DensityModel, check_data, fit, load
 from pyro_nflows.registry import available_flows
+from pyro_nflows.saving import check_output, save_atomically
 from pyro_nflows.vae import VAE, estimate_nll, train_vae
+from pyro_nflows.validation import check_count
 
 __all__ = ["main"]
 
@@ -37,6 +48,38 @@ __all__ = ["main"]
 # benchmarks/vae.py uses.
 FIT_DEFAULTS = {"epochs": 40, "lr": 3e-3}
 VAE_DEFAULTS = {"z_dim": 16, "epochs": 300, "warmup_epochs": 50, "patience": 30}
+ARRAY_SUFFIXES = (".csv", ".npy")  # what --output of sample and score can write
+
+# The errors a user's input can cause (their messages say what was wrong): one line and status 2, no traceback.
+# OSError covers a missing file, a directory given as a file, and permissions; NotImplementedError a flow
+# asked for what it cannot do (its message says what to use instead); FloatingPointError a flow whose
+# result overflows.
+EXPECTED_ERRORS = (ValueError, OSError, MemoryError, NotImplementedError, FloatingPointError)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file (through links too, where both exist)."""
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def _check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """Before any work: no output is an input or another output, and each can be written
+    (:func:`~pyro_nflows.saving.check_output`). The keys say what each path is, for the messages."""
+    named = [(what, path) for what, path in outputs.items() if path is not None]
+    given = [(what, path) for what, path in inputs.items() if path is not None]
+    for index, (what, path) in enumerate(named):
+        for other, other_path in named[:index] + given:
+            if _same_file(path, other_path):
+                raise ValueError(f"the {what} {path} would be written over the {other} {other_path}: name it otherwise")
+    for what, path in named:
+        check_output(path, what)
+
+
+def _check_array_output(path: Path | None) -> None:
+    if path is not None and path.suffix.lower() not in ARRAY_SUFFIXES:
+        raise ValueError(f"cannot write {path}: use a .csv or .npy file name")
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -49,6 +92,12 @@ def _fit(args: argparse.Namespace) -> int:
     else:
         data = datasets.load_dataset(args.dataset, n=args.n, seed=args.seed)
         source = f"dataset {args.dataset!r}"
+    check_data(data, source)  # faults named by the rows of the file, before the split shuffles them
+    picture = args.output.with_suffix(".png") if data.shape[1] == 2 else None
+    if main_process:
+        outputs = {"model file (-o)": args.output, "checkpoint (--checkpoint)": args.checkpoint,
+                   "picture (the -o name with .png)": picture}
+        _check_paths(outputs, {"input data file": args.file})
     train, validation, test = datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
     say(
         f"{source}: {len(data)} rows x {data.shape[1]} columns -> "
@@ -80,8 +129,7 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"test  log-likelihood per point: {test_ll:.4f} nats")
     model.save(args.output)
     print(f"model written to {args.output}")
-    if data.shape[1] == 2:
-        picture = args.output.with_suffix(".png")
+    if picture is not None:
         _plot_2d(model, test if len(test) >= 500 else data, picture)
         print(f"picture of the data and the learned density written to {picture}")
     return 0
@@ -113,33 +161,39 @@ def _plot_2d(model: DensityModel, data: torch.Tensor, path: Path) -> None:
         axis.set_xlim(extent[:2])
         axis.set_ylim(extent[2:])
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        save_atomically(lambda file: figure.savefig(file, format="png", dpi=100), path, what="picture")
+    finally:
+        plt.close(figure)
 
 
-def _write_array(values: torch.Tensor, path: Path) -> None:
+def _write_array(values: torch.Tensor, path: Path, what: str) -> None:
     import numpy as np
 
+    _check_array_output(path)
     array = values.detach().cpu().numpy()
-    if path.suffix == ".npy":
-        np.save(path, array)
-    elif path.suffix == ".csv":
-        np.savetxt(path, array.reshape(len(array), -1), delimiter=",")
+    if path.suffix.lower() == ".npy":
+        save_atomically(lambda file: np.save(file, array), path, what=what)
     else:
-        raise ValueError(f"cannot write {path}: use a .csv or .npy file name")
+        save_atomically(lambda file: np.savetxt(file, array.reshape(len(array), -1), delimiter=","), path, what=what)
 
 
 def _sample(args: argparse.Namespace) -> int:
+    check_count("-n", args.n)
+    _check_array_output(args.output)
+    _check_paths({"samples file (-o)": args.output}, {"model file": args.model})
     model = load(args.model)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     samples = model.sample(args.n)
-    _write_array(samples, args.output)
+    _write_array(samples, args.output, "samples file")
     print(f"{args.n} samples of dimension {samples.shape[1]} written to {args.output}")
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
+    _check_array_output(args.output)
+    _check_paths({"scores file (-o)": args.output}, {"model file": args.model, "data file": args.file})
     model = load(args.model)
     data = datasets.load_array(args.file)
     if data.shape[1] != model.input_dim:
@@ -148,7 +202,7 @@ def _score(args: argparse.Namespace) -> int:
         scores = torch.cat([model.log_prob(chunk) for chunk in data.split(4096)])
     print(f"mean log-likelihood per point: {scores.mean().item():.4f} nats over {len(data)} rows")
     if args.output is not None:
-        _write_array(scores, args.output)
+        _write_array(scores, args.output, "scores file")
         print(f"per-row log-likelihoods written to {args.output}")
     return 0
 
@@ -168,6 +222,8 @@ def _vae_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _vae(args: argparse.Namespace) -> int:
+    check_count("num_samples", args.num_samples)  # used after training: checked before it
+    _check_paths({"model file (-o)": args.output}, {})
     train, validation, test, source = _vae_data(args)
     print(f"{source}: train {len(train)}, validation {len(validation)}, test {len(test)}")
     torch.manual_seed(args.seed)
@@ -352,8 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pyro-nflows: error: {error}", file=sys.stderr)
+    except EXPECTED_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__  # one line
+        print(f"pyro-nflows: error: {message}", file=sys.stderr)
         return 2
 
 

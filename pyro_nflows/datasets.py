@@ -490,9 +490,11 @@ def load_array(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
 
     Raises ``ValueError``, naming the file and the fault, for an unknown
     extension, an empty file or one without data rows, a cell that is not a
-    number (with its row and column, counted from 1 as in a spreadsheet), rows
-    of different lengths, an array with 0 or more than 2 dimensions, a
-    non-numeric array, and NaN or infinite values. Nothing is dropped silently.
+    number, rows of different lengths, an array with 0 or more than 2
+    dimensions, a non-numeric array, NaN or infinite values, and values that
+    overflow ``dtype`` (``1e39`` in float32). Faults in cells are located by
+    the file's row and column, counted from 1 as in a spreadsheet (a CSV
+    file's row is its line). Nothing is dropped silently.
     """
     dtype = _check_dtype(dtype)
     path = Path(path)
@@ -502,10 +504,27 @@ def load_array(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
             f"'{path}': unknown file extension {suffix or '(none)'!r}; "
             "load_array reads .csv and .npy files"
         )
+    if path.is_dir():
+        raise IsADirectoryError(f"'{path}' is a directory, not a data file")
     if path.stat().st_size == 0:  # a missing file raises FileNotFoundError here
         raise ValueError(f"'{path}' is empty")
-    array = _read_csv(path) if suffix == ".csv" else _read_npy(path)
+    array, lines = _read_csv(path) if suffix == ".csv" else (_read_npy(path), None)
+    _check_range(path, array, dtype, lines)
     return torch.as_tensor(array, dtype=_FLOAT64).to(dtype)
+
+
+def _check_range(path: Path, array: np.ndarray, dtype: torch.dtype, lines: list[int] | None) -> None:
+    """``ValueError`` naming the first cell (its row, ``lines[index]`` or ``index + 1``, and
+    column, from 1) whose value overflows ``dtype``."""
+    largest = torch.finfo(dtype).max
+    outside = np.argwhere(np.abs(array) > largest)
+    if len(outside):
+        row, column = outside[0]
+        line = lines[row] if lines is not None else row + 1
+        raise ValueError(
+            f"'{path}': row {line}, column {column + 1}: {array[row, column]:g} overflows {str(dtype).split('.')[-1]} "
+            f"(largest {largest:.4g}; {len(outside)} such value(s)): rescale the data, or load it with a wider dtype"
+        )
 
 
 def _is_number(cell: str) -> bool:
@@ -516,7 +535,8 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _read_csv(path: Path) -> np.ndarray:
+def _read_csv(path: Path) -> tuple[np.ndarray, list[int]]:
+    """The values of a CSV file, and the line of the file each row of them comes from."""
     # (line number, cells) for every line that is not blank.
     with open(path, newline="", encoding="utf-8-sig") as file:
         reader = csv.reader(file)
@@ -545,7 +565,7 @@ def _read_csv(path: Path) -> np.ndarray:
                 f"'{path}': row {line} has {len(row)} values but row {first_line} has {width}"
             )
         values[index] = [_read_cell(path, line, column, cell) for column, cell in enumerate(row, start=1)]
-    return values
+    return values, [line for line, _ in rows]
 
 
 def _read_cell(path: Path, line: int, column: int, cell: str) -> float:
@@ -588,8 +608,8 @@ def _read_npy(path: Path) -> np.ndarray:
     if len(bad):
         row, column = bad[0]
         raise ValueError(
-            f"'{path}': {len(bad)} NaN or infinite value(s), the first at index "
-            f"[{row}, {column}]"
+            f"'{path}': {len(bad)} NaN or infinite value(s), the first at row {row + 1}, column {column + 1} "
+            f"(counted from 1): {array[row, column]}"
         )
     return array
 

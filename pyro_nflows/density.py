@@ -8,11 +8,16 @@ with a normalisation layer between repeats, and a fixed standardisation
 log-determinant is part of :meth:`DensityModel.log_prob`, so densities are in
 the data's own units.
 
-``save`` writes one file holding the configuration as JSON text and the
-weights as tensors; ``load`` reads it with ``torch.load(weights_only=True)``,
-so loading never unpickles arbitrary objects. ``fit(..., checkpoint=path)``
-writes a checkpoint after every epoch (atomically) and, when the file is
-already there, resumes from it: an interrupted run loses at most one epoch.
+``save`` writes one file, atomically, holding the configuration as JSON text,
+the weights as tensors and a SHA-256 checksum of both; ``load`` reads it with
+``torch.load(weights_only=True)``, so loading never unpickles arbitrary
+objects, verifies the checksum and checks the configuration against the
+weights before building anything (:mod:`pyro_nflows.saving`).
+``fit(..., checkpoint=path)`` writes a checkpoint after every epoch
+(atomically, with a checksum) and, when the file is already there, resumes
+from it: an interrupted run loses at most one epoch. A checkpoint resumes
+only the same data, to the byte (a hash of the training and validation
+rows), and the same settings.
 
 Started under ``torchrun`` (more than one process), ``fit`` trains
 data-parallel with :class:`torch.nn.parallel.DistributedDataParallel`: every
@@ -29,11 +34,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
@@ -43,10 +50,10 @@ from torch.distributions.transforms import AffineTransform
 
 from pyro_nflows.distributed import Ranks, check_same_everywhere, data_parallel, join_process_group, summary
 from pyro_nflows.registry import build_flow
-from pyro_nflows.saving import read_model, write_model
+from pyro_nflows.saving import check_output, checksum, read_model, write_model
 from pyro_nflows.training import Checkpoint, EpochLoop, TrainingState, check_loss, gradient_step
 from pyro_nflows.transforms.elementwise import ActNorm
-from pyro_nflows.validation import check_count, check_rows
+from pyro_nflows.validation import check_count, check_event, check_positive, check_rows
 
 __all__ = ["DEFAULT_FLOW", "DENSITY_DEFAULTS", "PRESETS", "DensityModel", "check_data", "fit", "load"]
 
@@ -70,15 +77,40 @@ NORMALIZATIONS = ("actnorm", "batchnorm", None)
 
 def check_data(data, name: str = "data", min_rows: int = 2) -> torch.Tensor:
     """Return ``data`` as a float tensor of shape ``(n, d)``, or raise ``ValueError``
-    naming the rows or columns at fault (non-finite values, constant columns,
-    too few rows, wrong number of dimensions)."""
+    naming the rows (counted from 0, in the order given) or columns at fault:
+    non-finite values, values that overflow float32 (the precision a
+    :class:`DensityModel` works in: ``|x| > 3.4e38``), constant columns, and
+    columns that float32 rounds to one value (``1e-50`` becomes 0; ``1e8 + 1e-3``
+    becomes ``1e8``), too few rows, the wrong number of dimensions."""
     tensor = check_rows(data, name, min_rows=min_rows)
-    constant = torch.nonzero(tensor.std(0) == 0).flatten().tolist() if len(tensor) > 1 else []
-    if constant:
+    single = tensor.to(torch.float32)
+    overflow = ~torch.isfinite(single)
+    if overflow.any():
+        rows, columns = _where(overflow.any(1)), _where(overflow.any(0))
         raise ValueError(
-            f"{name} has constant columns {constant[:10]}: a density over them is degenerate; drop them"
+            f"{name} has values that overflow float32, the precision the model works in (|x| > "
+            f"{torch.finfo(torch.float32).max:.3g}), in {len(rows)} rows (first rows: {rows[:10]}) and columns "
+            f"{columns[:10]}; rescale the data"
         )
+    if len(tensor) > 1:
+        constant = _where(tensor.std(0) == 0)
+        if constant:
+            raise ValueError(
+                f"{name} has constant columns {constant[:10]}: a density over them is degenerate; drop them"
+            )
+        rounded = _where(single.std(0) == 0)
+        if rounded:
+            raise ValueError(
+                f"{name}'s columns {rounded[:10]} become constant when rounded to float32, the precision the model "
+                "works in (their values differ by less than float32 resolves at their size); rescale or centre them"
+            )
     return tensor
+
+
+def _where(mask: torch.Tensor) -> list:
+    """The indices where ``mask`` is true: ints for a 1-D mask, tuples for more dimensions."""
+    found = torch.nonzero(mask)
+    return found.flatten().tolist() if mask.dim() == 1 else [tuple(index) for index in found.tolist()]
 
 
 def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalization) -> list:
@@ -170,11 +202,35 @@ class DensityModel(nn.Module):
         return dist.TransformedDistribution(base, [*self.layers, standardisation])
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-density of each row of ``x`` (shape ``(..., d)``), in the data's units."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.input_dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DensityModel expects points whose last dimension is {self.input_dim}, got {shape}")
-        return self.distribution().log_prob(x.to(self.loc))
+        """Log-density of each row of ``x`` (a ``torch.Tensor`` of shape ``(..., d)``), in the data's units.
+
+        ``x`` is converted to the model's dtype (float32). A density at a point
+        that is not finite there is undefined, so points holding NaN or infinity,
+        or values beyond float32's range (``1e200``), are refused: ``ValueError``
+        naming them (their indices in ``x``'s batch). So are finite points that
+        the flow sends to infinity (far outside the data the model was fitted to).
+        """
+        check_event(x, self.input_dim, "DensityModel.log_prob", "point")
+        points = x.to(self.loc)
+        bad = ~torch.isfinite(points).all(-1)
+        if bool(bad.any()):
+            what = "NaN or infinite values" if not torch.isfinite(x).all() else "values that overflow float32"
+            raise ValueError(
+                f"DensityModel.log_prob got {what} in {int(bad.sum())} point(s) (first: {_where(bad)[:10]}); "
+                "a density is defined only at finite points: remove or impute them"
+            )
+        try:
+            return self.distribution().log_prob(points)
+        except ValueError as error:
+            if "Expected value argument" not in str(error):
+                raise
+        with pyro.validation_enabled(False), torch.no_grad():
+            lost = ~torch.isfinite(self.distribution().log_prob(points))
+        raise ValueError(
+            f"DensityModel.log_prob: the flow sends {int(lost.sum())} point(s) (first: {_where(lost)[:10]}) to "
+            f"infinity or NaN; they lie too far outside the data the model was fitted to (largest |x| "
+            f"{points.abs().max().item():.3g}) to be scored"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` is :meth:`log_prob` (what ``DistributedDataParallel`` wraps)."""
@@ -182,17 +238,72 @@ class DensityModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        """Draw ``n`` points, shape ``(n, d)``."""
-        return self.distribution().sample((check_count("n", n),))
+        """Draw ``n`` points, shape ``(n, d)``.
+
+        ``ValueError`` before drawing if they would not fit in memory: the
+        estimate is ``n * (d + w) * 4`` bytes, ``w`` the widest layer of the
+        model, against the memory of the model's device (the machine's, on
+        the CPU); ``MemoryError`` if an allocation fails all the same.
+        """
+        check_count("n", n)
+        _check_sample_memory(self, n)
+        try:
+            return self.distribution().sample((n,))
+        except RuntimeError as error:
+            if "alloc" not in str(error).lower() and not isinstance(error, torch.OutOfMemoryError):
+                raise
+        raise MemoryError(f"DensityModel.sample(n={n}) ran out of memory; draw fewer points at a time")
 
     def save(self, path: str | Path) -> None:
-        """Write the configuration (as JSON) and the weights to ``path``."""
+        """Write the configuration (as JSON), the weights and their checksum to
+        ``path``, atomically (see :mod:`pyro_nflows.saving`)."""
         write_model(self, self.config, "density", path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> "DensityModel":
-        """Restore a model written by :meth:`save` (weights only, no unpickling)."""
-        return read_model(cls, "density", path, map_location)
+        """Restore a model written by :meth:`save` (weights only, no unpickling).
+
+        ``ValueError`` naming the file for anything that is not an intact
+        model file of this version: unreadable bytes, a checksum that does not
+        match, non-finite weights, a configuration that does not fit the
+        weights (checked before anything is built)."""
+        return read_model(cls, "density", path, map_location, check_config=_check_saved_config)
+
+
+def _check_saved_config(config: dict, state) -> None:
+    """What a saved configuration must say of the weights saved with it, checked
+    before building: ``input_dim`` is the size of the standardisation, and
+    there are at least ``num_layers`` layers (every layer has weights)."""
+    loc = state.get("loc")
+    if loc is None or loc.dim() != 1 or config.get("input_dim") != loc.numel():
+        shape = None if loc is None else tuple(loc.shape)
+        raise ValueError(f"input_dim {config.get('input_dim')!r} is not the size of its standardisation 'loc' {shape}")
+    layers = {key.split(".")[1] for key in state if key.startswith("layers.")}
+    num_layers = config.get("num_layers")
+    if isinstance(num_layers, int) and num_layers > len(layers):
+        raise ValueError(f"num_layers {num_layers} is more than the {len(layers)} layers whose weights it holds")
+
+
+def _memory_of(device: torch.device) -> int | None:
+    """The bytes of memory of ``device`` (the machine's physical memory for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_sample_memory(model: DensityModel, n: int) -> None:
+    widest = max((max(parameter.shape, default=1) for parameter in model.parameters()), default=1)
+    needed = n * (model.input_dim + widest) * model.loc.element_size()
+    available = _memory_of(model.loc.device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"sample(n={n}) would need about {needed / 2**30:.3g} GiB (n * (d + the widest layer, {widest}) * "
+            f"{model.loc.element_size()} bytes), more than the {available / 2**30:.3g} GiB of memory of "
+            f"{model.loc.device}; draw fewer points at a time"
+        )
 
 
 def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> DensityModel:
@@ -244,16 +355,19 @@ def _split(
 
 
 def _fingerprint(train: torch.Tensor, validation: torch.Tensor) -> str:
-    """Enough to tell that a checkpoint was made from other data."""
-    stats = [float(part.double().sum()) for part in (train, validation)]
-    return json.dumps([list(train.shape), list(validation.shape), stats])
+    """The SHA-256 of the training and validation rows (their dtype, shapes and
+    bytes, in the order fit uses them): any change of the data, of the order of
+    its columns or of the split tells a checkpoint made from other data."""
+    return checksum({"train": train, "validation": validation})
 
 
-def _check_settings(epochs: int, batch_size: int, patience: int, lr: float) -> None:
+def _check_settings(epochs: int, batch_size: int, patience: int, lr: float, clip_norm: float | None) -> None:
     for name, value in [("epochs", epochs), ("batch_size", batch_size), ("patience", patience)]:
         check_count(name, value)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if clip_norm is not None:  # a norm <= 0 would flip or freeze every clipped gradient
+        check_positive("clip_norm", clip_norm)
 
 
 def _agree_across_processes(
@@ -370,6 +484,8 @@ def _resume(
     one), ``state`` loaded from it when the file exists."""
     if checkpoint is None:
         return None
+    if ranks.main:  # a checkpoint that cannot be written fails now, not after the first epoch
+        check_output(checkpoint, "checkpoint")
     saved = Checkpoint(checkpoint, settings, fingerprint, ranks, device)
     if saved.resume(state) and state.loop.progress:
         print(f"resuming from {checkpoint} after epoch {len(state.loop.history.validation)}")
@@ -402,8 +518,12 @@ def fit(
         :class:`DensityModel`.
     :param batch_size: rows per optimisation step (the global batch when
         training data-parallel).
+    :param clip_norm: the largest norm of the gradient, a positive finite
+        number (``None``: not clipped).
     :param checkpoint: a file to write after every epoch; if it exists, training
-        resumes from it (the same data and settings are required).
+        resumes from it (the same data, to the byte, and the same settings are
+        required: the model's, ``epochs``, ``batch_size``, ``lr``, ``patience``,
+        ``clip_norm``). Its folder must exist.
     :param distributed: train data-parallel when started under ``torchrun``
         (see below); ``False`` trains in this process alone even there.
     :param patience: epochs without a better validation log-likelihood before
@@ -448,7 +568,7 @@ def fit(
     weights. The process group is left initialised for later calls.
     """
     data = check_data(data)
-    _check_settings(epochs, batch_size, patience, lr)
+    _check_settings(epochs, batch_size, patience, lr, clip_norm)
     ranks, device = join_process_group(distributed, torch.device(device) if device is not None else torch.device("cpu"))
     arguments = [flow, num_layers, hidden_dims and list(hidden_dims), normalization, epochs, batch_size, lr,
                  validation_fraction, patience, clip_norm, seed, device.type, str(checkpoint)]
@@ -470,7 +590,8 @@ def fit(
     loop = EpochLoop(model, epochs, patience, metric="validation log-likelihood", name="fit", progress=progress,
                      ranks=ranks, interrupt_hint=hint)
     state = TrainingState(model, optimizer, scheduler, generator, loop)
-    settings = json.dumps({**model.config, "epochs": epochs, "batch_size": batch_size, "lr": lr})
+    settings = json.dumps({**model.config, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+                           "clip_norm": clip_norm})
     saved = _resume(checkpoint, state, settings, _fingerprint(train, validation), ranks, device)
 
     moving = _batchnorm_buffers(model)

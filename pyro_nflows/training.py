@@ -10,7 +10,8 @@ does; this module does the rest, the same way for all of them:
   (:func:`check_loss`) into a stop that keeps the best weights, with a warning;
 - :func:`gradient_step` is one optimiser step with optional gradient clipping;
 - :class:`TrainingState` and :class:`Checkpoint` write everything an exact
-  resume needs after every epoch, atomically, and resume from it.
+  resume needs after every epoch, atomically and with a checksum
+  (:func:`pyro_nflows.saving.save_atomically`), and resume from it.
 
 A trainer reads::
 
@@ -26,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,8 +37,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_nflows.distributed import Ranks
+from pyro_nflows.saving import check_finite_weights, checksum, read_payload, save_atomically, verify_checksum
 
-__all__ = ["Checkpoint", "EpochLoop", "History", "TrainingState", "check_loss", "gradient_step", "save_atomically"]
+__all__ = ["Checkpoint", "EpochLoop", "History", "TrainingState", "check_loss", "gradient_step"]
 
 
 @dataclass
@@ -213,20 +213,6 @@ class TrainingState:
         self.loop.load_state_dict(state)
 
 
-def save_atomically(payload: Any, path: Path) -> None:
-    """``torch.save(payload, path)`` through a new temporary file in ``path``'s
-    folder, renamed over ``path``: a reader sees the old file or the new one,
-    never a part of either."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            torch.save(payload, file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 class Checkpoint:
     """A file written after every epoch, which a later run with the same data
     and settings resumes from.
@@ -252,17 +238,21 @@ class Checkpoint:
         if not exists:
             return False
         saved = self._read()
-        if saved.get("settings") != self.settings or saved.get("data") != self.fingerprint:
+        mine = {"settings": self.settings, "data": self.fingerprint}
+        differ = [key for key, value in mine.items() if saved.get(key) != value]
+        if differ:
             raise ValueError(
-                f"checkpoint {self.path} was written for other data or settings; "
+                f"checkpoint {self.path} was written for other data or settings (its {' and '.join(differ)} differ); "
                 "delete it, or pass another checkpoint path, to start afresh"
             )
         state.load_state_dict(saved)
         return True
 
     def _read(self) -> dict[str, Any]:
+        """The checkpoint's contents, its checksum verified and its weights finite
+        (``ValueError`` naming the file otherwise)."""
         try:
-            saved = torch.load(self.path, map_location=self.device, weights_only=True)
+            saved = read_payload(self.path, "checkpoint", map_location=self.device)
         except FileNotFoundError:
             if not self.ranks.distributed:
                 raise
@@ -272,9 +262,15 @@ class Checkpoint:
                 f"checkpoint {self.path} exists for rank 0 but not for every process of the data-parallel run: "
                 "put it on a file system that they all share"
             )
+        verify_checksum(saved, self.path, "checkpoint")
+        for part in ("model", "best_model"):
+            if not isinstance(saved.get(part), dict):
+                raise ValueError(f"{self.path} is not a checkpoint written by this package's trainers (no {part!r})")
+            check_finite_weights(saved[part], self.path, "checkpoint")
         return saved
 
     def save(self, state: TrainingState) -> None:
         """Write ``state`` (on the main process only)."""
         if self.ranks.main:
-            save_atomically({"settings": self.settings, "data": self.fingerprint, **state.state_dict()}, self.path)
+            payload = {"settings": self.settings, "data": self.fingerprint, **state.state_dict()}
+            save_atomically({**payload, "checksum": checksum(payload)}, self.path, what="checkpoint")

@@ -388,6 +388,10 @@ def _write(tmp_path, name, content):
         ("complex.npy", np.ones(3, dtype=complex), "dtype"),
         ("inf.npy", np.array([[1.0, np.inf]]), "infinite"),
         ("garbage.npy", "this is not numpy\n", "not a readable .npy"),
+        ("big.csv", "1,2\n3,4\n5,1e39\n", "row 3, column 2: 1e+39 overflows float32"),
+        ("big_header.csv", "x,y\n1,2\n\n3,-1e39\n", "row 4, column 2: -1e+39 overflows float32"),  # the file's line
+        ("big.npy", np.array([[1.0, 2.0], [3.0, 1e39]]), "row 2, column 2: 1e+39 overflows float32"),
+        ("nan_at.npy", np.array([[1.0, 2.0], [np.nan, 3.0]]), "the first at row 2, column 1 (counted from 1)"),
     ],
 )
 def test_load_array_bad_files_raise_value_error_naming_the_file(tmp_path, name, content, message):
@@ -408,6 +412,14 @@ def test_load_array_refuses_pickled_objects(tmp_path):
 def test_load_array_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_array(tmp_path / "missing.csv")
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.csv' is a directory, not a data file"):
+        load_array(tmp_path / "folder.csv")
+
+
+def test_load_array_reads_values_beyond_float32_in_float64(tmp_path):
+    path = _write(tmp_path, "big.csv", "1,2\n3,1e39\n")
+    assert load_array(path, dtype=torch.float64)[1, 1].item() == 1e39
 
 
 # --------------------------------------------------------------------------

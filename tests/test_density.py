@@ -1,9 +1,13 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from pyro_nflows import datasets
+from pyro_nflows import datasets, density
 from pyro_nflows.density import DensityModel, check_data, fit, load
 from pyro_nflows.registry import build_flow
+from pyro_nflows.saving import FORMAT_VERSION
 
 # The Gaussian the fit tests draw from: x = MEAN + MIXING @ noise.
 MIXING = torch.tensor([[2.0, 0.0], [1.5, 0.5]])
@@ -65,9 +69,8 @@ def test_load_refuses_other_files(tmp_path):
     DensityModel(2, num_layers=1).save(path)
     payload = torch.load(path, weights_only=True)
     torch.save({**payload, "format": 1}, path)
-    with pytest.raises(
-        ValueError, match="has format 1; this version reads 5 .*CHANGELOG.md.*fit or train the model again"
-    ):
+    expected = f"has format 1; this version reads {FORMAT_VERSION} .*CHANGELOG.md.*fit or train the model again"
+    with pytest.raises(ValueError, match=expected):
         load(path)
 
 
@@ -110,6 +113,19 @@ def test_divergence_stops_with_a_warning_and_keeps_the_best_model(monkeypatch):
         (torch.stack([torch.randn(20), torch.full((20,), 3.0)], 1), r"constant columns \[1\]"),
         (torch.randn(1, 2), "at least 2 rows"),
         (torch.randn(10), "2-D array"),
+        (
+            torch.cat([torch.randn(5, 2, dtype=torch.float64), torch.tensor([[1.0, -1e200]], dtype=torch.float64),
+                       torch.randn(5, 2, dtype=torch.float64)]),
+            r"values that overflow float32.* in 1 rows \(first rows: \[5\]\) and columns \[1\]",
+        ),
+        (
+            torch.stack([torch.randn(20, dtype=torch.float64), 1e-50 * torch.randn(20, dtype=torch.float64)], 1),
+            r"columns \[1\] become constant when rounded to float32",
+        ),
+        (
+            torch.stack([torch.randn(20, dtype=torch.float64), 1e8 + 1e-3 * torch.randn(20, dtype=torch.float64)], 1),
+            r"columns \[1\] become constant when rounded to float32",
+        ),
     ],
 )
 def test_bad_data_is_named(data, message):
@@ -127,6 +143,11 @@ def test_bad_data_is_named(data, message):
         ({"validation_fraction": 1.5}, "validation_fraction"),
         ({"num_layers": 0}, "num_layers"),
         ({"flow": "nope"}, "unknown flow"),
+        ({"clip_norm": 0}, "clip_norm must be a positive finite number, got 0"),
+        ({"clip_norm": -1.0}, "clip_norm must be a positive finite number, got -1.0"),
+        ({"clip_norm": float("nan")}, "clip_norm must be a positive finite number, got nan"),
+        ({"clip_norm": float("inf")}, "clip_norm must be a positive finite number, got inf"),
+        ({"clip_norm": "5"}, "clip_norm must be a positive finite number, got '5'"),
     ],
 )
 def test_bad_hyper_parameters_are_named(kwargs, message):
@@ -138,6 +159,44 @@ def test_log_prob_checks_the_width():
     model = DensityModel(2, num_layers=1)
     with pytest.raises(ValueError, match="last dimension is 2"):
         model.log_prob(torch.randn(3, 3))
+
+
+def test_log_prob_takes_tensors_and_refuses_points_that_are_not_finite_naming_them():
+    model = DensityModel(2, num_layers=1)
+    with pytest.raises(ValueError, match="DensityModel.log_prob expects a torch.Tensor point, got ndarray"):
+        model.log_prob(np.zeros((3, 2)))
+    points = torch.randn(4, 3, 2)
+    points[1, 2, 0], points[3, 0, 1] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 2 point\(s\) \(first: \[\(1, 2\), \(3, 0\)\]\)"):
+        model.log_prob(points)
+    wide = torch.tensor([[0.0, 1.0], [1e200, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"values that overflow float32 in 1 point\(s\) \(first: \[1\]\)"):
+        model.log_prob(wide)
+    assert model.log_prob(wide[:1]).shape == (1,)  # finite float64 points are scored as before
+
+
+def test_log_prob_of_points_the_flow_sends_to_infinity_names_them_instead_of_pyros_dump():
+    model = DensityModel(2, num_layers=1)
+    with torch.no_grad():
+        model.scale.fill_(0.25)  # 3e38 / 0.25 overflows float32 inside the flow
+    with pytest.raises(ValueError, match=r"the flow sends 1 point\(s\) \(first: \[1\]\) to infinity or NaN"):
+        model.log_prob(torch.tensor([[0.0, 1.0], [3e38, 0.0]]))
+
+
+def test_sample_refuses_an_absurd_n_before_drawing(monkeypatch):
+    model = DensityModel(2, num_layers=1)
+    with pytest.raises(ValueError, match=r"sample\(n=1000000000000\) would need about .* GiB .* draw fewer"):
+        model.sample(10**12)
+    for n in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            model.sample(n)
+
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch.distributions.TransformedDistribution, "sample", no_memory)
+    with pytest.raises(MemoryError, match=r"sample\(n=1000\) ran out of memory; draw fewer"):
+        model.sample(1000)
 
 
 def test_presets_normalization_and_hidden_dims():
@@ -232,6 +291,49 @@ def test_a_checkpoint_from_other_data_is_refused(tmp_path):
     fit(_gaussian_data(n=100), num_layers=1, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
     with pytest.raises(ValueError, match="written for other data or settings"):
         fit(_gaussian_data(n=100, seed=3), num_layers=1, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
+
+
+def _changed_value(data):
+    changed = data.clone()
+    changed[17, 1] = torch.nextafter(changed[17, 1], torch.tensor(math.inf))  # the smallest change float32 has
+    return changed
+
+
+@pytest.mark.parametrize(
+    "change, differ",
+    [
+        (lambda data: data[:, [1, 0]], "data"),
+        (_changed_value, "data"),
+        (lambda data: data[torch.arange(len(data)).roll(1)], "data"),  # the same rows in another order
+        ({"clip_norm": 1.0}, "settings"),
+        ({"patience": 7}, "settings"),
+        ({"lr": 2e-3}, "settings"),
+    ],
+)
+def test_a_resume_with_any_change_of_the_data_or_the_settings_is_refused(tmp_path, change, differ):
+    data = _gaussian_data(n=100)
+    data[:, 1] = data[:, 0].flip(0)  # two columns of the same sum: swapping them keeps every sum and shape
+    settings = dict(num_layers=1, epochs=2, seed=0, progress=False, checkpoint=tmp_path / "run.ckpt",
+                    validation_data=data[:10])
+    fit(data, **settings)
+    if callable(change):
+        again = (change(data), settings)
+    else:
+        again = (data, {**settings, **change})
+    with pytest.raises(ValueError, match=rf"written for other data or settings \(its {differ} differ\)"):
+        fit(again[0], **again[1])
+    fit(data, **settings)  # and the same data and settings still resume
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_before_the_first_epoch(tmp_path, monkeypatch):
+    def no_epochs(self, epoch):
+        raise AssertionError("an epoch ran")
+
+    monkeypatch.setattr(density._Epochs, "train", no_epochs)
+    with pytest.raises(FileNotFoundError, match="cannot write checkpoint .*missing.*does not exist"):
+        fit(_gaussian_data(n=50), checkpoint=tmp_path / "missing" / "run.ckpt", progress=False)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        fit(_gaussian_data(n=50), checkpoint=tmp_path, progress=False)
 
 
 def test_batchnorm_folds_a_last_batch_of_one_row_into_the_one_before():

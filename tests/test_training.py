@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pyro_nflows.distributed import Ranks
+from pyro_nflows.saving import checksum, save_atomically
 from pyro_nflows.training import (
     Checkpoint,
     EpochLoop,
@@ -20,7 +21,6 @@ from pyro_nflows.training import (
     TrainingState,
     check_loss,
     gradient_step,
-    save_atomically,
 )
 
 
@@ -160,9 +160,72 @@ def test_a_checkpoint_round_trips_the_training_state_and_refuses_other_settings(
     assert torch.equal(restored.generator.get_state(), trained.generator.get_state())
     assert restored.loop.history == History([-1.0], [2.0], 0, "")
     assert not Checkpoint(tmp_path / "absent.ckpt", "settings", "data", Ranks(), torch.device("cpu")).resume(state(2))
-    for settings, data in [("other", "data"), ("settings", "other")]:
-        with pytest.raises(ValueError, match="written for other data or settings"):
+    for settings, data, differ in [("other", "data", "settings"), ("settings", "other", "data")]:
+        with pytest.raises(ValueError, match=rf"written for other data or settings \(its {differ} differ\)"):
             Checkpoint(path, settings, data, Ranks(), torch.device("cpu")).resume(state(3))
+
+
+def _state(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    loop = EpochLoop(model, 5, 2, metric="score", name="trainer", progress=False)
+    return TrainingState(model, optimizer, scheduler, torch.Generator().manual_seed(seed), loop)
+
+
+def _checkpoint(path):
+    return Checkpoint(path, "settings", "data", Ranks(), torch.device("cpu"))
+
+
+def test_a_checkpoint_carries_a_checksum_and_a_flipped_bit_is_refused(tmp_path):
+    path = tmp_path / "run.ckpt"
+    trained = _state()
+    _checkpoint(path).save(trained)
+    saved = torch.load(path, weights_only=True)
+    assert saved["checksum"] == checksum(saved)
+    content = bytearray(path.read_bytes())
+    where = content.find(trained.model.weight.detach().numpy().tobytes())
+    assert where > 0
+    content[where + 5] ^= 0x04  # one bit of one weight
+    path.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match="run.ckpt is damaged: its contents do not match the checksum"):
+        _checkpoint(path).resume(_state(1))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "run.ckpt is not a readable checkpoint file: it is empty"),
+        (bytes(range(256)) * 8, r"run.ckpt is not a readable checkpoint file \(torch.load failed"),
+        (None, "run.ckpt is not a readable checkpoint file"),  # truncated: the first half of a real one
+    ],
+)
+def test_unreadable_checkpoints_are_a_value_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "run.ckpt"
+    if content is None:
+        _checkpoint(path).save(_state())
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        _checkpoint(path).resume(_state())
+    assert "weights_only" not in str(info.value)
+
+
+def test_checkpoints_without_a_checksum_or_with_non_finite_weights_are_refused(tmp_path):
+    path = tmp_path / "run.ckpt"
+    payload = {"settings": "settings", "data": "data", **_state().state_dict()}
+    torch.save(payload, path)  # an older version's checkpoint
+    with pytest.raises(ValueError, match="run.ckpt is not a checkpoint file of this version: it carries no checksum"):
+        _checkpoint(path).resume(_state())
+    payload["best_model"] = {key: torch.full_like(value, math.nan) for key, value in payload["best_model"].items()}
+    torch.save({**payload, "checksum": checksum(payload)}, path)
+    with pytest.raises(ValueError, match="run.ckpt: the weights 'weight' hold NaN or infinite values"):
+        _checkpoint(path).resume(_state())
+    model = {"format": 6, "kind": "density", "config": "{}", "state_dict": {}}
+    torch.save({**model, "checksum": checksum(model)}, path)
+    with pytest.raises(ValueError, match="is not a checkpoint written by this package's trainers"):
+        _checkpoint(path).resume(_state())
 
 
 def test_save_atomically_keeps_the_old_file_when_writing_fails(tmp_path):

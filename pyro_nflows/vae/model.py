@@ -193,12 +193,18 @@ class VAE(nn.Module):
     # -- saving ----------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the configuration (as JSON) and the weights to ``path``."""
+        """Write the configuration (as JSON), the weights and their checksum to
+        ``path``, atomically (see :mod:`pyro_nflows.saving`)."""
         write_model(self, self.config, "vae", path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> "VAE":
-        """Restore a VAE written by :meth:`save` (``torch.load(weights_only=True)``: no unpickling)."""
+        """Restore a VAE written by :meth:`save` (``torch.load(weights_only=True)``: no unpickling).
+
+        ``ValueError`` naming the file for anything that is not an intact
+        model file of this version: unreadable bytes, a checksum that does not
+        match, non-finite weights, a configuration that does not fit the
+        weights (checked before anything is built)."""
         return read_model(cls, "vae", path, map_location).eval()
 
     def extra_repr(self) -> str:

@@ -142,7 +142,8 @@ def train_vae(
         (:func:`warmup_factor`); 0 for none.
     :param patience: stop after this many epochs at :math:`\beta = 1`
         without a better validation ELBO.
-    :param clip_norm: clip the gradient norm at this value (``None``: no clipping).
+    :param clip_norm: clip the gradient norm at this value, a positive finite
+        number (``None``: no clipping; ``ValueError`` for 0, negative, NaN or infinite).
     :param validation_samples: draws per point for the validation ELBO (the
         same draws every epoch): with small validation sets a one-draw
         estimate is noisy enough to pick the wrong epoch.
