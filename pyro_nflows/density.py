@@ -32,6 +32,7 @@ data, and one epoch of shuffled batches (:class:`_Epochs`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from typing import Callable, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.transforms import BatchNorm
 from torch import nn
 from torch.distributions.transforms import AffineTransform
@@ -53,7 +54,7 @@ from pyro_nflows.registry import build_flow
 from pyro_nflows.saving import check_output, checksum, read_model, write_model
 from pyro_nflows.training import Checkpoint, EpochLoop, TrainingState, check_loss, gradient_step
 from pyro_nflows.transforms.elementwise import ActNorm
-from pyro_nflows.validation import check_count, check_event, check_positive, check_rows
+from pyro_nflows.validation import check_count, check_event, check_finite, check_hidden_dims, check_positive, check_rows
 
 __all__ = ["DEFAULT_FLOW", "DENSITY_DEFAULTS", "PRESETS", "DensityModel", "check_data", "fit", "load"]
 
@@ -113,8 +114,9 @@ def _where(mask: torch.Tensor) -> list:
     return found.flatten().tolist() if mask.dim() == 1 else [tuple(index) for index in found.tolist()]
 
 
-def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalization) -> list:
-    """``num_layers`` repeats of the layer ``flow`` names, normalised between repeats."""
+def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalization, context_dim=None) -> list:
+    """``num_layers`` repeats of the layer ``flow`` names (their conditional
+    versions, for a context of width ``context_dim``), normalised between repeats."""
     if flow in PRESETS:
         spec = PRESETS[flow] if hidden_dims is None else f"{PRESETS[flow]}(hidden_dims={tuple(hidden_dims)})"
     elif hidden_dims is not None:
@@ -124,7 +126,7 @@ def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalizatio
         )
     else:
         spec = flow
-    layers = build_flow(spec, input_dim, repeat=num_layers, defaults=DENSITY_DEFAULTS)
+    layers = build_flow(spec, input_dim, context_dim, repeat=num_layers, defaults=DENSITY_DEFAULTS)
     per_repeat = len(layers) // num_layers
     stack = []
     for index in range(num_layers):
@@ -137,24 +139,35 @@ def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalizatio
 
 
 class DensityModel(nn.Module):
-    """A normalizing-flow density on :math:`\\mathbb{R}^d`.
+    """A normalizing-flow density on :math:`\\mathbb{R}^d`, or a conditional
+    density :math:`p(x \\mid c)`.
 
     :param input_dim: the data's dimension :math:`d`.
     :param flow: ``"maf"``, ``"nsf"``, ``"realnvp"`` or the spec of one layer
         (e.g. ``"lu_linear+elementwise_spline"``). Options in
         :data:`DENSITY_DEFAULTS` apply where the spec does not set them:
-        spline couplings evaluate their spline from the data side, and
-        MAF, affine and additive couplings do not start at the identity
-        (``identity_init=False``).
+        spline autoregressive flows score in one pass, spline couplings
+        evaluate their spline from the data side, and MAF, affine and
+        additive couplings do not start at the identity (``identity_init=False``).
     :param num_layers: how many times the layer is stacked.
     :param hidden_dims: hidden widths of the layers' networks (presets only;
         in a spec write them as an option, ``maf(hidden_dims=(64, 64))``).
     :param normalization: ``"actnorm"`` (default), ``"batchnorm"`` (Pyro's
         :class:`~pyro.distributions.transforms.BatchNorm`, batch statistics
         while training) or ``None``, between repeats of the layer.
+    :param context_dim: the width :math:`C` of the context rows of a
+        conditional density (``None``: unconditional). Every layer that has a
+        conditional version is built conditional; the context is
+        standardised (:meth:`set_standardisation`) as the data is.
+    :param embedding: a module that maps the standardised context, shape
+        ``(..., C)``, to the conditioners' input, shape ``(..., E)``, trained
+        with the flow (nflows' and sbi's embedding nets). ``save`` keeps its
+        weights; ``load`` needs the module again (only weights are stored).
 
-    ``log_prob(x)`` scores points in the data's units, ``sample(n)`` draws
-    ``n`` points, ``save(path)`` / :func:`load` store and restore it exactly.
+    ``log_prob(x)`` (or ``log_prob(x, context)``) scores points in the data's
+    units, ``sample(n)`` (``sample(n, context)``) draws points,
+    ``distribution()`` is the model as a Pyro distribution, ``save(path)`` /
+    :func:`load` store and restore it exactly.
     """
 
     def __init__(
@@ -164,13 +177,18 @@ class DensityModel(nn.Module):
         num_layers: int = 5,
         hidden_dims: Sequence[int] | None = None,
         normalization: str | None = "actnorm",
+        *,
+        context_dim: int | None = None,
+        embedding: nn.Module | None = None,
+        embedded_dim: int | None = None,
     ):
         super().__init__()
         check_count("num_layers", num_layers)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if hidden_dims is not None:
-            hidden_dims = [check_count("every entry of hidden_dims", h) for h in hidden_dims]
+            hidden_dims = check_hidden_dims(hidden_dims)
+        conditioner_dim = _conditioner_width(context_dim, embedding, embedded_dim)
         self.config = {
             "input_dim": input_dim,
             "flow": flow,
@@ -178,31 +196,71 @@ class DensityModel(nn.Module):
             "hidden_dims": hidden_dims,
             "normalization": normalization,
         }
-        self.layers = ComposeTransformModule(_stack(input_dim, flow, num_layers, hidden_dims, normalization))
+        if context_dim is not None:  # unconditional models keep the configuration they always had
+            self.config["context_dim"] = context_dim
+            self.config["embedded_dim"] = None if embedding is None else conditioner_dim
+        self.embedding = embedding
+        self.layers = nn.ModuleList(_stack(input_dim, flow, num_layers, hidden_dims, normalization, conditioner_dim))
         self.register_buffer("loc", torch.zeros(input_dim))
         self.register_buffer("scale", torch.ones(input_dim))
+        if context_dim is not None:
+            self.register_buffer("context_loc", torch.zeros(context_dim))
+            self.register_buffer("context_scale", torch.ones(context_dim))
 
     @property
     def input_dim(self) -> int:
         return self.config["input_dim"]
 
-    def set_standardisation(self, data: torch.Tensor) -> None:
-        """Fit the fixed affine map from the flow's output to the data's units."""
+    @property
+    def context_dim(self) -> int | None:
+        """The width of the context rows (``None`` for an unconditional model)."""
+        return self.config.get("context_dim")
+
+    def set_standardisation(self, data: torch.Tensor, context: torch.Tensor | None = None) -> None:
+        """Fit the fixed affine map from the flow's output to the data's units
+        and, for a conditional model, the context's standardisation (a
+        constant context column keeps scale 1)."""
         with torch.no_grad():
             self.loc.copy_(data.mean(0))
             self.scale.copy_(data.std(0))
+            if context is not None:
+                scale = context.std(0) if len(context) > 1 else torch.ones_like(self.context_scale)
+                self.context_loc.copy_(context.mean(0))
+                self.context_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
 
-    def distribution(self) -> dist.TransformedDistribution:
-        """The model as a Pyro distribution with ``event_shape == (d,)``."""
+    def _conditioner_input(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The conditioners' input for ``context``: standardised, then embedded;
+        ``ValueError`` for a context that is missing, unexpected or malformed."""
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("this DensityModel is not conditional: call it without a context")
+            return None
+        if context is None:
+            raise ValueError(
+                f"this DensityModel is conditional on a context of width {self.context_dim}: pass the context"
+            )
+        check_event(context, self.context_dim, "DensityModel", "context")
+        context = context.to(self.context_loc)
+        check_finite(context, "DensityModel", "context")
+        standardised = (context - self.context_loc) / self.context_scale
+        return standardised if self.embedding is None else self.embedding(standardised)
+
+    def distribution(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+        """The model as a Pyro distribution with ``event_shape == (d,)``; for a
+        conditional model, given ``context`` (shape ``(..., C)``), with the
+        context's batch shape."""
+        condition = self._conditioner_input(context)
         base = dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
+        layers = list(self.layers)
+        if condition is not None:
+            base = base.expand(condition.shape[:-1])
+            layers = [_conditioned(layer, condition) for layer in layers]
         standardisation = AffineTransform(self.loc, self.scale, event_dim=1)
-        # The layers one by one, not their ComposeTransformModule: torch
-        # recomputes a composition's domain and codomain (a walk over every
-        # part) at each access, about 10% of a small model's log_prob.
-        return dist.TransformedDistribution(base, [*self.layers, standardisation])
+        return dist.TransformedDistribution(base, [*layers, standardisation])
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-density of each row of ``x`` (a ``torch.Tensor`` of shape ``(..., d)``), in the data's units.
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-density of each row of ``x`` (a ``torch.Tensor`` of shape ``(..., d)``), in the data's units;
+        for a conditional model, given ``context`` (shape ``(..., C)``, broadcasting against ``x``'s batch).
 
         ``x`` is converted to the model's dtype (float32). A density at a point
         that is not finite there is undefined, so points holding NaN or infinity,
@@ -219,36 +277,41 @@ class DensityModel(nn.Module):
                 f"DensityModel.log_prob got {what} in {int(bad.sum())} point(s) (first: {_where(bad)[:10]}); "
                 "a density is defined only at finite points: remove or impute them"
             )
+        distribution = self.distribution(context)
         try:
-            return self.distribution().log_prob(points)
+            return distribution.log_prob(points)
         except ValueError as error:
             if "Expected value argument" not in str(error):
                 raise
         with pyro.validation_enabled(False), torch.no_grad():
-            lost = ~torch.isfinite(self.distribution().log_prob(points))
+            lost = ~torch.isfinite(distribution.log_prob(points))
         raise ValueError(
             f"DensityModel.log_prob: the flow sends {int(lost.sum())} point(s) (first: {_where(lost)[:10]}) to "
             f"infinity or NaN; they lie too far outside the data the model was fitted to (largest |x| "
             f"{points.abs().max().item():.3g}) to be scored"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)`` is :meth:`log_prob` (what ``DistributedDataParallel`` wraps)."""
-        return self.log_prob(x)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``model(x)`` (or ``model(x, context)``) is :meth:`log_prob` (what ``DistributedDataParallel`` wraps)."""
+        return self.log_prob(x) if context is None else self.log_prob(x, context)
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """Draw ``n`` points, shape ``(n, d)``.
+    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw ``n`` points: shape ``(n, d)``; for a conditional model, given
+        one context row (shape ``(C,)``) the same, and given a batch of them
+        (shape ``(m, C)``) ``(m, n, d)``, ``n`` points for each row.
 
         ``ValueError`` before drawing if they would not fit in memory: the
-        estimate is ``n * (d + w) * 4`` bytes, ``w`` the widest layer of the
-        model, against the memory of the model's device (the machine's, on
-        the CPU); ``MemoryError`` if an allocation fails all the same.
+        estimate is ``n * (d + w) * 4`` bytes (times ``m``), ``w`` the widest
+        layer of the model, against the memory of the model's device (the
+        machine's, on the CPU); ``MemoryError`` if an allocation fails all the same.
         """
         check_count("n", n)
-        _check_sample_memory(self, n)
+        rows = 1 if context is None or context.dim() < 2 else math.prod(context.shape[:-1])
+        _check_sample_memory(self, n * rows)
         try:
-            return self.distribution().sample((n,))
+            drawn = self.distribution(context).sample((n,))
+            return drawn if drawn.dim() == 2 else drawn.movedim(0, -2)
         except RuntimeError as error:
             if "alloc" not in str(error).lower() and not isinstance(error, torch.OutOfMemoryError):
                 raise
@@ -260,14 +323,25 @@ class DensityModel(nn.Module):
         write_model(self, self.config, "density", path)
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> "DensityModel":
+    def load(
+        cls, path: str | Path, map_location: str | torch.device | None = "cpu", embedding: nn.Module | None = None
+    ) -> "DensityModel":
         """Restore a model written by :meth:`save` (weights only, no unpickling).
+        A model trained with an ``embedding`` needs a module of the same
+        architecture here, which receives the saved weights.
 
         ``ValueError`` naming the file for anything that is not an intact
         model file of this version: unreadable bytes, a checksum that does not
         match, non-finite weights, a configuration that does not fit the
-        weights (checked before anything is built)."""
-        return read_model(cls, "density", path, map_location, check_config=_check_saved_config)
+        weights (checked before anything is built), an embedding missing or
+        given where the file has none."""
+
+        def check(config: dict, state) -> None:
+            _check_saved_config(config, state)
+            _check_saved_embedding(config, embedding)
+
+        extra = {} if embedding is None else {"embedding": embedding}
+        return read_model(cls, "density", path, map_location, check_config=check, build_kwargs=extra)
 
 
 def _check_saved_config(config: dict, state) -> None:
@@ -282,6 +356,55 @@ def _check_saved_config(config: dict, state) -> None:
     num_layers = config.get("num_layers")
     if isinstance(num_layers, int) and num_layers > len(layers):
         raise ValueError(f"num_layers {num_layers} is more than the {len(layers)} layers whose weights it holds")
+
+
+def _check_saved_embedding(config: dict, embedding: nn.Module | None) -> None:
+    """A model saved with an embedding loads with one, and one without without."""
+    saved = config.get("embedded_dim") is not None
+    if saved and embedding is None:
+        raise ValueError(
+            f"it was trained with an embedding of the context (output width {config['embedded_dim']}), of which only "
+            "the weights are saved: pass load(path, embedding=<a module of the same architecture>)"
+        )
+    if not saved and embedding is not None:
+        raise ValueError("it has no embedding, but load was given one")
+
+
+def _conditioner_width(context_dim: int | None, embedding: nn.Module | None, embedded_dim: int | None) -> int | None:
+    """The width of the conditioners' input: the context's, or the embedding's output
+    (``embedded_dim`` as saved, else measured on a zero context)."""
+    if context_dim is None:
+        if embedding is not None:
+            raise ValueError("an embedding maps a context: give context_dim, the context rows' width")
+        return None
+    check_count("context_dim", context_dim)
+    if embedding is None:
+        return context_dim
+    if not isinstance(embedding, nn.Module):
+        raise ValueError(f"embedding must be a torch.nn.Module, got {type(embedding).__name__}")
+    if embedded_dim is not None:
+        return check_count("embedded_dim", embedded_dim)
+    was_training = embedding.training
+    try:
+        with torch.no_grad():
+            dtype = next(embedding.parameters(), torch.zeros(())).dtype
+            output = embedding.eval()(torch.zeros(2, context_dim, dtype=dtype))
+    except Exception as error:  # noqa: BLE001 - a user's module may fail in any way
+        raise ValueError(
+            f"embedding must map contexts of shape (n, {context_dim}) to (n, E); on zeros of shape (2, {context_dim}) "
+            f"it raised {type(error).__name__}: {error}"
+        ) from None
+    finally:
+        embedding.train(was_training)
+    if not isinstance(output, torch.Tensor) or output.shape[:-1] != (2,):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"embedding must map contexts of shape (n, {context_dim}) to (n, E), got {shape}")
+    return output.shape[-1]
+
+
+def _conditioned(layer, condition: torch.Tensor):
+    """``layer`` conditioned on ``condition`` if it is a conditional flow, else ``layer``."""
+    return layer.condition(condition) if isinstance(layer, ConditionalTransformModule) else layer
 
 
 def _memory_of(device: torch.device) -> int | None:
@@ -311,15 +434,56 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> D
     return DensityModel.load(path, map_location=map_location)
 
 
-def _mean_log_prob(model: DensityModel, data: torch.Tensor, batch_size: int, ranks: Ranks = Ranks()) -> float:
-    """Mean log-density of the rows of ``data``; each process scores its share, the sums are combined."""
-    shard = data[ranks.rank :: ranks.world_size] if ranks.distributed else data
+@dataclass(frozen=True)
+class _Rows:
+    """Rows of data and, for a conditional density, their context rows."""
+
+    data: torch.Tensor
+    context: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index) -> "_Rows":
+        return _Rows(self.data[index], None if self.context is None else self.context[index])
+
+    def to(self, device: torch.device) -> "_Rows":
+        move = functools.partial(torch.Tensor.to, device=device, dtype=torch.float32)
+        return _Rows(move(self.data), None if self.context is None else move(self.context))
+
+    def log_prob(self, model: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``model(data)``, or ``model(data, context)``."""
+        return model(self.data) if self.context is None else model(self.data, self.context)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"": self.data} if self.context is None else {"": self.data, "context": self.context}
+
+
+def _check_rows(data, context, name: str, min_rows: int) -> _Rows:
+    """``data`` (checked by :func:`check_data`) and its ``context`` rows, one per data row."""
+    data = check_data(data, name, min_rows=min_rows)
+    if context is None:
+        return _Rows(data)
+    context = check_rows(context, f"the context of {name}")
+    if len(context) != len(data):
+        raise ValueError(
+            f"{name} has {len(data)} rows but its context has {len(context)}: give one context row per row"
+        )
+    return _Rows(data, context)
+
+
+def _mean_log_prob(model: DensityModel, rows: _Rows, batch_size: int, ranks: Ranks = Ranks()) -> float:
+    """Mean log-density of ``rows``; each process scores its share, the sums are combined."""
+    shard = rows[ranks.rank :: ranks.world_size] if ranks.distributed else rows
     with torch.no_grad():
-        total = sum(model.log_prob(chunk).double().sum().item() for chunk in shard.split(batch_size))
+        total = sum(
+            shard[start : start + batch_size].log_prob(model.log_prob).double().sum().item()
+            for start in range(0, len(shard), batch_size)
+        )
     if ranks.distributed:  # every process must take the same early-stopping decision: use rank 0's sum
-        combined = ranks.all_reduce(torch.tensor([total], dtype=torch.float64, device=data.device))
+        combined = ranks.all_reduce(torch.tensor([total], dtype=torch.float64, device=rows.data.device))
         total = ranks.from_main(combined).item()
-    return total / len(data)
+    return total / len(rows)
 
 
 def _batches(order: torch.Tensor, batch_size: int, min_rows: int) -> list[torch.Tensor]:
@@ -337,28 +501,53 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, ()).item())
 
 
-def _split(
-    data: torch.Tensor, validation_data, validation_fraction: float, generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if validation_data is not None:
-        validation = check_data(validation_data, "validation_data", min_rows=1)
-        if validation.shape[1] != data.shape[1]:
-            raise ValueError(f"validation_data has {validation.shape[1]} columns, data has {data.shape[1]}")
-        return data, validation
+def _split(rows: _Rows, validation: _Rows | None, validation_fraction: float, generator) -> tuple[_Rows, _Rows]:
+    """The training and validation rows: ``validation`` if given, else a seeded
+    ``validation_fraction`` of ``rows``."""
+    if validation is not None:
+        if validation.data.shape[1] != rows.data.shape[1]:
+            raise ValueError(f"validation_data has {validation.data.shape[1]} columns, data has {rows.data.shape[1]}")
+        if (validation.context is None) != (rows.context is None):
+            raise ValueError("give validation_context exactly when you give context (and a context for each)")
+        if rows.context is not None and validation.context.shape[1] != rows.context.shape[1]:
+            raise ValueError(
+                f"validation_context has {validation.context.shape[1]} columns, context has {rows.context.shape[1]}"
+            )
+        return rows, validation
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
-    order = torch.randperm(len(data), generator=generator)
-    count = max(1, int(round(validation_fraction * len(data))))
-    if len(data) - count < 2:
-        raise ValueError(f"data has {len(data)} rows: too few to hold out {count} for validation and train on the rest")
-    return data[order[count:]], data[order[:count]]
+    order = torch.randperm(len(rows), generator=generator)
+    count = max(1, int(round(validation_fraction * len(rows))))
+    if len(rows) - count < 2:
+        raise ValueError(f"data has {len(rows)} rows: too few to hold out {count} for validation and train on the rest")
+    return rows[order[count:]], rows[order[:count]]
 
 
-def _fingerprint(train: torch.Tensor, validation: torch.Tensor) -> str:
-    """The SHA-256 of the training and validation rows (their dtype, shapes and
-    bytes, in the order fit uses them): any change of the data, of the order of
-    its columns or of the split tells a checkpoint made from other data."""
-    return checksum({"train": train, "validation": validation})
+def _fingerprint(train: _Rows, validation: _Rows) -> str:
+    """The SHA-256 of the training and validation rows and their contexts
+    (dtype, shapes and bytes, in the order fit uses them): any change of the
+    data, of the order of its columns or of the split tells a checkpoint made
+    from other data."""
+    parts = {f"{part}{'_' + key if key else ''}": tensor
+             for part, rows in (("train", train), ("validation", validation)) for key, tensor in rows.tensors().items()}
+    return checksum(parts)
+
+
+def _given_rows(data, context, validation_data, validation_context) -> tuple[_Rows, _Rows | None]:
+    """The training rows and the given validation rows (``None``: held out of ``data``), checked."""
+    rows = _check_rows(data, context, "data", min_rows=2)
+    if validation_data is None:
+        if validation_context is not None:
+            raise ValueError("validation_context goes with validation_data: give both, or neither")
+        return rows, None
+    return rows, _check_rows(validation_data, validation_context, "validation_data", 1)
+
+
+def _optimisation(model: nn.Module, lr: float, steps: int):
+    """Adam and a cosine schedule over ``steps`` steps. ``foreach``: one
+    multi-tensor update (measured: benchmarks/README.md#fit-foreach)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
 
 def _check_settings(epochs: int, batch_size: int, patience: int, lr: float, clip_norm: float | None) -> None:
@@ -371,7 +560,7 @@ def _check_settings(epochs: int, batch_size: int, patience: int, lr: float, clip
 
 
 def _agree_across_processes(
-    ranks: Ranks, device: torch.device, data: torch.Tensor, validation_data, batch_size: int, seed, arguments: list
+    ranks: Ranks, device: torch.device, rows: _Rows, validation: _Rows | None, batch_size: int, seed, arguments: list
 ) -> int | None:
     """Under data parallelism, check that every process was given the same
     data and ``arguments``, and return the seed they all use (rank 0's draw
@@ -384,8 +573,8 @@ def _agree_across_processes(
             f"data-parallel run, and must be at least {ranks.world_size}; got {batch_size}"
         )
     text = json.dumps(arguments, default=str)
-    validation = [] if validation_data is None else summary(check_data(validation_data, "validation_data", 1))
-    numbers = [zlib.crc32(text.encode()), *summary(data), len(validation), *validation]
+    given = [tensor for part in (rows, validation) if part is not None for tensor in part.tensors().values()]
+    numbers = [zlib.crc32(text.encode()), len(given), *(number for tensor in given for number in summary(tensor))]
     check_same_everywhere(numbers, ranks, device, "fit")
     if seed is None:  # every process must draw the same initialisation, split and shuffling
         shared = torch.tensor([_draw_seed()], dtype=torch.int64, device=device)
@@ -393,12 +582,14 @@ def _agree_across_processes(
     return seed
 
 
-def _initialise(model: DensityModel, train: torch.Tensor, generator: torch.Generator, batch_size: int) -> None:
-    """The standardisation from the training data, and the data-dependent
-    initialisations (actnorm) from a large batch of it."""
-    model.set_standardisation(train)
+def _initialise(model: DensityModel, train: _Rows, generator: torch.Generator, batch_size: int) -> None:
+    """The standardisations from the training rows, and the data-dependent
+    initialisations (actnorm) from a large batch of them."""
+    model.set_standardisation(train.data, train.context)
     with torch.no_grad():
-        model.log_prob(train[torch.randperm(len(train), generator=generator)[: 4 * batch_size].to(train.device)])
+        train[torch.randperm(len(train), generator=generator)[: 4 * batch_size].to(train.data.device)].log_prob(
+            model.log_prob
+        )
 
 
 def _batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -468,13 +659,13 @@ class _Epochs:
         return -weight * log_probs.sum(), ranks.all_reduce(batch_sum.reshape(1)).item() / len(batch)
 
 
-def _row_scorer(model: DensityModel, train: torch.Tensor, ranks: Ranks, device, sync_buffers: bool) -> Callable:
+def _row_scorer(model: DensityModel, train: _Rows, ranks: Ranks, device, sync_buffers: bool) -> Callable:
     """Indices of training rows -> their log-densities, through DDP under torchrun.
     Every parameter takes part in ``log_prob`` (no ``find_unused_parameters``);
     of the buffers only BatchNorm's running statistics change, so only they
     are worth re-broadcasting from rank 0 (``sync_buffers``)."""
     score = data_parallel(model, device, sync_buffers) if ranks.distributed else model.log_prob
-    return lambda rows: score(train[rows])
+    return lambda rows: train[rows].log_prob(score)
 
 
 def _resume(
@@ -510,8 +701,14 @@ def fit(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     distributed: bool = True,
+    *,
+    context=None,
+    validation_context=None,
+    embedding: nn.Module | None = None,
 ) -> DensityModel:
-    """Fit a flow density to the rows of ``data`` (shape ``(n, d)``) by maximum likelihood.
+    """Fit a flow density to the rows of ``data`` (shape ``(n, d)``) by maximum
+    likelihood; given ``context`` (shape ``(n, C)``), a conditional density
+    :math:`p(x \\mid c)`.
 
     :param flow: ``"maf"`` (default), ``"nsf"``, ``"realnvp"`` or any registry spec
         of one layer; ``num_layers``, ``hidden_dims``, ``normalization`` as in
@@ -526,6 +723,13 @@ def fit(
         ``clip_norm``). Its folder must exist.
     :param distributed: train data-parallel when started under ``torchrun``
         (see below); ``False`` trains in this process alone even there.
+    :param context: one context row per row of ``data``: the model is then
+        conditional (every layer that has a conditional version reads the
+        context; the context's standardisation, fitted on the training rows,
+        is part of the model). ``validation_data`` then needs its
+        ``validation_context``.
+    :param embedding: a module mapping the standardised context to the
+        conditioners' input, trained jointly (see :class:`DensityModel`).
     :param patience: epochs without a better validation log-likelihood before
         stopping (default 30). The learning rate follows a cosine schedule over
         all ``epochs`` and most of the gain comes late, so a short patience
@@ -567,25 +771,26 @@ def fit(
     process returns the same plain :class:`DensityModel` with the best
     weights. The process group is left initialised for later calls.
     """
-    data = check_data(data)
+    rows, given = _given_rows(data, context, validation_data, validation_context)
     _check_settings(epochs, batch_size, patience, lr, clip_norm)
     ranks, device = join_process_group(distributed, torch.device(device) if device is not None else torch.device("cpu"))
     arguments = [flow, num_layers, hidden_dims and list(hidden_dims), normalization, epochs, batch_size, lr,
                  validation_fraction, patience, clip_norm, seed, device.type, str(checkpoint)]
-    seed = _agree_across_processes(ranks, device, data, validation_data, batch_size, seed, arguments)
+    seed = _agree_across_processes(ranks, device, rows, given, batch_size, seed, arguments)
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else _draw_seed())
-    train, validation = _split(data, validation_data, validation_fraction, generator)
+    train, validation = _split(rows, given, validation_fraction, generator)
 
-    model = DensityModel(train.shape[1], flow, num_layers, hidden_dims, normalization).to(device)
-    train, validation = train.to(device, torch.float32), validation.to(device, torch.float32)
+    context_dim = None if rows.context is None else rows.context.shape[1]
+    model = DensityModel(
+        rows.data.shape[1], flow, num_layers, hidden_dims, normalization, context_dim=context_dim, embedding=embedding
+    ).to(device)
+    train, validation = train.to(device), validation.to(device)
     _initialise(model, train, generator, batch_size)
     min_rows = _min_rows(model, ranks, batch_size, len(train))
-    # foreach: one multi-tensor update (benchmarks/README.md#fit-foreach).
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
-    steps = len(_batches(torch.arange(len(train)), batch_size, min_rows))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+    steps = epochs * len(_batches(torch.arange(len(train)), batch_size, min_rows))
+    optimizer, scheduler = _optimisation(model, lr, steps)
     hint = f"; resume with fit(..., checkpoint={str(checkpoint)!r})" if checkpoint is not None else ""
     loop = EpochLoop(model, epochs, patience, metric="validation log-likelihood", name="fit", progress=progress,
                      ranks=ranks, interrupt_hint=hint)

@@ -289,7 +289,12 @@ ConfigCheck = Callable[[dict, Mapping[str, torch.Tensor]], None]
 
 
 def read_model(
-    cls: type, kind: str, path: str | Path, map_location=None, check_config: ConfigCheck | None = None
+    cls: type,
+    kind: str,
+    path: str | Path,
+    map_location=None,
+    check_config: ConfigCheck | None = None,
+    build_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Rebuild a ``cls`` written by :func:`write_model` with this ``kind``.
 
@@ -297,6 +302,9 @@ def read_model(
         ``ValueError`` (its message without the file's name) if the
         configuration cannot be that of these weights: the class's own cheap
         checks, run before anything is built.
+    :param build_kwargs: constructor arguments that the file cannot hold
+        (modules of the user's, such as a density model's embedding), given
+        with the configuration; they receive the file's weights too.
 
     Every fault is a ``ValueError`` naming the file (see the module's docstring).
     """
@@ -324,7 +332,7 @@ def read_model(
             check_config(config, state)
     except ValueError as error:
         raise ValueError(f"{path}: its configuration does not fit the weights it carries: {error}") from None
-    model = _build(cls, config, state, path)
+    model = _build(cls, {**config, **(build_kwargs or {})}, state, path)
     _check_layout(model.state_dict(), state, path)
     model.load_state_dict(state)
     return model
