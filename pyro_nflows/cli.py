@@ -7,6 +7,9 @@
     pyro-nflows fit --dataset checkerboard --flow nsf --num-layers 8
     pyro-nflows sample model.pt -n 1000 -o samples.csv
     pyro-nflows score model.pt data.csv      # mean log-likelihood per point (-o for each row's)
+    pyro-nflows fit data.csv --context-columns 0,1 -o model.pt    # p(other columns | columns 0 and 1)
+    pyro-nflows sample model.pt -n 1000 --context "1.5,2"         # draws given one context row
+    pyro-nflows score model.pt data.csv --context-columns 0,1     # the same columns as in fit
     pyro-nflows flows                        # the flows a --flow spec can name
     pyro-nflows vae --posterior householder:10 --dataset digits   # a VAE with a flow posterior; writes vae.pt
     pyro-nflows vae --dataset mnist --data-dir ~/data             # MNIST from IDX files you have downloaded
@@ -82,6 +85,43 @@ def _check_array_output(path: Path | None) -> None:
         raise ValueError(f"cannot write {path}: use a .csv or .npy file name")
 
 
+def _context_columns(text: str | None, width: int) -> list[int] | None:
+    """The 0-based column indices of ``--context-columns`` (``"0,1"``); ``None`` without it."""
+    if text is None:
+        return None
+    try:
+        columns = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--context-columns must be comma-separated column numbers such as 0,1, got {text!r}"
+        ) from None
+    if not columns or len(set(columns)) != len(columns) or not all(0 <= column < width for column in columns):
+        raise ValueError(
+            f"--context-columns must name distinct columns of 0..{width - 1}, got {text!r}"
+        )
+    if len(columns) == width:
+        raise ValueError("--context-columns names every column: leave at least one column to model")
+    return columns
+
+
+def _split_columns(table: torch.Tensor, columns: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The data columns and the context columns of ``table`` (``None`` without context columns)."""
+    if columns is None:
+        return table, None
+    keep = [column for column in range(table.shape[1]) if column not in columns]
+    return table[:, keep], table[:, columns]
+
+
+def _parse_context(text: str | None) -> torch.Tensor | None:
+    """``--context "1.5,2"``: one context row."""
+    if text is None:
+        return None
+    try:
+        return torch.tensor([float(part) for part in text.split(",")])
+    except ValueError:
+        raise ValueError(f"--context must be comma-separated numbers such as 1.5,2, got {text!r}") from None
+
+
 def _fit(args: argparse.Namespace) -> int:
     # Under torchrun every process trains; only the first reports and writes files.
     main_process = os.environ.get("RANK", "0") == "0"
@@ -93,19 +133,27 @@ def _fit(args: argparse.Namespace) -> int:
         data = datasets.load_dataset(args.dataset, n=args.n, seed=args.seed)
         source = f"dataset {args.dataset!r}"
     check_data(data, source)  # faults named by the rows of the file, before the split shuffles them
-    picture = args.output.with_suffix(".png") if data.shape[1] == 2 else None
+    columns = _context_columns(args.context_columns, data.shape[1])
+    modelled = data.shape[1] - (0 if columns is None else len(columns))
+    picture = args.output.with_suffix(".png") if modelled == 2 and columns is None else None
     if main_process:
         outputs = {"model file (-o)": args.output, "checkpoint (--checkpoint)": args.checkpoint,
                    "picture (the -o name with .png)": picture}
         _check_paths(outputs, {"input data file": args.file})
-    train, validation, test = datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
+    (train, train_c), (validation, validation_c), (test, test_c) = (
+        _split_columns(part, columns) for part in datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
+    )
     say(
         f"{source}: {len(data)} rows x {data.shape[1]} columns -> "
         f"train {len(train)}, validation {len(validation)}, test {len(test)}"
     )
+    if columns is not None:
+        say(f"conditional density: p({modelled} data columns | context columns {columns})")
     say(f"flow: {args.num_layers} x {args.flow}, normalization {args.normalization}")
     model = fit(
         train,
+        context=train_c,
+        validation_context=validation_c,
         flow=args.flow,
         num_layers=args.num_layers,
         hidden_dims=args.hidden_dims,
@@ -122,8 +170,8 @@ def _fit(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     with torch.no_grad():
-        train_ll = model.log_prob(train).mean().item()
-        test_ll = model.log_prob(test).mean().item()
+        train_ll = model.log_prob(train, train_c).mean().item()
+        test_ll = model.log_prob(test, test_c).mean().item()
     print(f"stopped: {model.history.stopped} (best epoch {model.history.best_epoch + 1})")
     print(f"train log-likelihood per point: {train_ll:.4f} nats")
     print(f"test  log-likelihood per point: {test_ll:.4f} nats")
@@ -183,9 +231,11 @@ def _sample(args: argparse.Namespace) -> int:
     _check_array_output(args.output)
     _check_paths({"samples file (-o)": args.output}, {"model file": args.model})
     model = load(args.model)
+    context = _parse_context(args.context)
+    _check_context_given(model, context is not None, "--context")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    samples = model.sample(args.n)
+    samples = model.sample(args.n, context)
     _write_array(samples, args.output, "samples file")
     print(f"{args.n} samples of dimension {samples.shape[1]} written to {args.output}")
     return 0
@@ -195,16 +245,31 @@ def _score(args: argparse.Namespace) -> int:
     _check_array_output(args.output)
     _check_paths({"scores file (-o)": args.output}, {"model file": args.model, "data file": args.file})
     model = load(args.model)
-    data = datasets.load_array(args.file)
+    table = datasets.load_array(args.file)
+    columns = _context_columns(args.context_columns, table.shape[1])
+    _check_context_given(model, columns is not None, "--context-columns")
+    data, context = _split_columns(table, columns)
     if data.shape[1] != model.input_dim:
-        raise ValueError(f"{args.file} has {data.shape[1]} columns; the model was fitted to {model.input_dim}")
+        kind = "columns" if columns is None else "data columns (besides the context's)"
+        raise ValueError(f"{args.file} has {data.shape[1]} {kind}; the model was fitted to {model.input_dim}")
     with torch.no_grad():
-        scores = torch.cat([model.log_prob(chunk) for chunk in data.split(4096)])
+        scores = torch.cat([
+            model.log_prob(data[start : start + 4096], None if context is None else context[start : start + 4096])
+            for start in range(0, len(data), 4096)
+        ])
     print(f"mean log-likelihood per point: {scores.mean().item():.4f} nats over {len(data)} rows")
     if args.output is not None:
         _write_array(scores, args.output, "scores file")
         print(f"per-row log-likelihoods written to {args.output}")
     return 0
+
+
+def _check_context_given(model: DensityModel, given: bool, flag: str) -> None:
+    """A conditional model needs its context on the command line; an unconditional one takes none."""
+    if model.context_dim is not None and not given:
+        raise ValueError(f"the model is conditional on {model.context_dim} context column(s): give {flag}")
+    if model.context_dim is None and given:
+        raise ValueError(f"the model is not conditional: leave out {flag}")
 
 
 def _vae_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
@@ -310,6 +375,11 @@ def _add_fit(commands) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint file: written every epoch, resumed from if present"
     )
+    parser.add_argument(
+        "--context-columns",
+        default=None,
+        help="comma-separated 0-based columns of the file that are a context: fit p(other columns | these)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_fit)
 
@@ -322,11 +392,15 @@ def _add_sample_and_score(commands) -> None:
         "-o", "--output", type=Path, default=Path("samples.csv"), help=".csv or .npy (default: samples.csv)"
     )
     sample.add_argument("--seed", type=int, default=None)
+    sample.add_argument("--context", default=None, help='one context row for a conditional model, e.g. "1.5,2"')
     sample.set_defaults(run=_sample)
 
     score = commands.add_parser("score", help="log-likelihood of the rows of a file under a saved model")
     score.add_argument("model", type=Path)
     score.add_argument("file", type=Path, help="a .csv or .npy file of rows")
+    score.add_argument(
+        "--context-columns", default=None, help="for a conditional model: the context columns, as given to fit"
+    )
     score.add_argument(
         "-o", "--output", type=Path, default=None, help="write each row's log-likelihood (.csv or .npy)"
     )

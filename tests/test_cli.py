@@ -320,3 +320,47 @@ def test_a_fit_killed_during_its_final_save_leaves_the_old_model_intact(tmp_path
     [partial] = [p for p in tmp_path.iterdir() if p.name.startswith(".model.pt.") and p.name.endswith(".tmp")]
     assert 0 < partial.stat().st_size < len(before) * 2
     assert checkpoint.exists() and not (tmp_path / "model.png").exists()
+
+
+def test_a_conditional_fit_then_sample_and_score_with_the_context(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    context = rng.normal(size=(400, 1))
+    table = np.hstack([2 * context + 0.3 * rng.normal(size=(400, 1)), context, rng.normal(size=(400, 1))])
+    path, output = tmp_path / "table.csv", tmp_path / "conditional.pt"
+    np.savetxt(path, table, delimiter=",")
+    assert main(["fit", str(path), "--context-columns", "1", "--epochs", "2", "--num-layers", "1",
+                 "--no-progress", "-o", str(output)]) == 0
+    assert "p(2 data columns | context columns [1])" in capsys.readouterr().out
+    assert load(output).context_dim == 1 and load(output).input_dim == 2
+    samples = tmp_path / "samples.npy"
+    assert main(["sample", str(output), "-n", "6", "--context", "1.5", "-o", str(samples)]) == 0
+    assert np.load(samples).shape == (6, 2)
+    scores = tmp_path / "scores.npy"
+    assert main(["score", str(output), str(path), "--context-columns", "1", "-o", str(scores)]) == 0
+    model = load(output)
+    data = torch.as_tensor(table, dtype=torch.float32)
+    expected = model.log_prob(data[:, [0, 2]], data[:, [1]])
+    assert np.allclose(np.load(scores), expected.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["score", "{model}", "{table}"], "conditional on 1 context column\\(s\\): give --context-columns"),
+        (["sample", "{model}", "-n", "3"], "give --context"),
+        (["sample", "{model}", "-n", "3", "--context", "a,b"], "comma-separated numbers"),
+        (["score", "{model}", "{table}", "--context-columns", "7"], "distinct columns of 0..2"),
+        (["score", "{model}", "{table}", "--context-columns", "0,1,2"], "leave at least one column"),
+        (["fit", "{table}", "--context-columns", "x"], "column numbers such as 0,1"),
+    ],
+)
+def test_context_errors_on_the_command_line(tmp_path, capsys, argv, message):
+    table = tmp_path / "table.csv"
+    np.savetxt(table, np.random.default_rng(1).normal(size=(60, 3)), delimiter=",")
+    model = tmp_path / "m.pt"
+    from pyro_nflows.density import DensityModel
+
+    DensityModel(2, num_layers=1, context_dim=1).save(model)
+    filled = [part.format(model=model, table=table) for part in argv]
+    assert main(filled + (["--no-progress"] if filled[0] == "fit" else [])) == 2
+    assert re.search(message, capsys.readouterr().err)
