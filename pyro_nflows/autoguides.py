@@ -342,7 +342,9 @@ class AutoFlow(AutoContinuous):
         trace = poutine.block(poutine.trace(poutine.block(self.model, self._prototype_hide_fn)).get_trace)(
             *args, **kwargs
         )
-        new_shapes = _latent_shapes(trace)
+        # Only the guide's own sites: one observed when the guide was built and
+        # latent now (Predictive(model, guide)(x) without y) is the model's to sample, as in Pyro.
+        new_shapes = {name: shape for name, shape in _latent_shapes(trace).items() if name in shapes}
         if new_shapes != shapes:
             raise ValueError(
                 f"{type(self).__name__} was built for the latent sites {shapes} (name: shape), but the model "

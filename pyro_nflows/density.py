@@ -50,7 +50,7 @@ from torch import nn
 from torch.distributions.transforms import AffineTransform
 
 from pyro_nflows.distributed import Ranks, check_same_everywhere, data_parallel, join_process_group, summary
-from pyro_nflows.registry import build_flow
+from pyro_nflows.registry import build_flow, spec_event
 from pyro_nflows.saving import check_output, checksum, read_model, write_model
 from pyro_nflows.training import Checkpoint, EpochLoop, TrainingState, check_loss, gradient_step
 from pyro_nflows.transforms.elementwise import ActNorm
@@ -126,6 +126,11 @@ def _stack(input_dim: int, flow: str, num_layers: int, hidden_dims, normalizatio
         )
     else:
         spec = flow
+    if spec_event(spec) != "vector":
+        raise ValueError(
+            f"the flow {flow!r} acts on images (events of shape (C, H, W)); a DensityModel models rows of "
+            "vectors: use a vector flow (see available_flows())"
+        )
     layers = build_flow(spec, input_dim, context_dim, repeat=num_layers, defaults=DENSITY_DEFAULTS)
     per_repeat = len(layers) // num_layers
     stack = []

@@ -30,12 +30,16 @@ from typing import Any, Callable
 
 from pyro_nflows.transforms import (
     autoregressive,
+    continuous_flow,
+    conv,
     coupling,
     elementwise,
+    glow_flow,
     linear,
     permutation,
     planar_flow,
     radial_flow,
+    residual_flow,
     sylvester_flow,
 )
 from pyro_nflows.validation import check_count, check_input_dim
@@ -90,6 +94,13 @@ class Alternation:
         return {**options, self.key: self.values[(start + index) % 2]}
 
 
+def _quarter(channels: int) -> int:
+    """The channels an unsqueeze gives: a quarter of those it takes (a multiple of 4)."""
+    if channels % 4:
+        raise ValueError(f"unsqueeze takes a multiple of 4 channels, got {channels}")
+    return channels // 4
+
+
 # Couplings keep the other half in every other layer; MADEs reverse their ordering.
 _ALTERNATE_HALVES = Alternation("reverse", (False, True))
 _ALTERNATE_ORDERINGS = Alternation("ordering", ("natural", "reversed"), spec_value="holds")
@@ -100,7 +111,12 @@ class FlowEntry:
     """A flow family: its helper, its conditional helper (or ``None``), and
     what the ``N`` of ``name:N`` sets (``count``: a keyword of the helpers, or
     ``None`` for "N stacked layers"). ``alternate``, where given, is the
-    :class:`Alternation` of an option between the layers of a stack."""
+    :class:`Alternation` of an option between the layers of a stack.
+
+    ``event`` is ``"vector"`` (the helpers take the event size ``input_dim``)
+    or ``"image"`` (events of shape ``(C, H, W)``; the helpers take the
+    channels ``C``); ``channels_after``, for an image layer that changes the
+    number of channels (a squeeze), maps the channels it takes to those it gives."""
 
     name: str
     build: Callable[..., Any]
@@ -108,11 +124,13 @@ class FlowEntry:
     summary: str
     count: str | None = None
     alternate: Alternation | None = None
+    event: str = "vector"
+    channels_after: Callable[[int], int] | None = None
 
     def options(self, conditional: bool) -> list[str]:
         """The keyword options the helper takes besides the dimensions."""
         helper = self.build_conditional if conditional and self.build_conditional else self.build
-        skip = {"input_dim", "context_dim"}
+        skip = {"input_dim", "context_dim", "channels"}
         return [p for p in inspect.signature(helper).parameters if p not in skip]
 
 
@@ -219,14 +237,92 @@ FLOWS: dict[str, FlowEntry] = {
             "autoregressive rational-quadratic splines (direction iaf, the default, or maf); layers alternate ordering",
             alternate=_ALTERNATE_ORDERINGS,
         ),
+        FlowEntry(
+            "residual",
+            residual_flow.residual,
+            residual_flow.conditional_residual,
+            "invertible residual block x + g(x), g Lipschitz (i-ResNet, Residual Flows); inverse by fixed point; "
+            "logdet exact, series or roulette",
+        ),
+        FlowEntry(
+            "continuous",
+            continuous_flow.continuous,
+            continuous_flow.conditional_continuous,
+            "continuous flow dx/dt = f(x, t) solved by an ODE solver (Neural ODE, FFJORD); trace exact or "
+            "hutchinson; inverse by integrating backwards",
+        ),
+        FlowEntry(
+            "conv1x1",
+            conv.conv1x1,
+            None,
+            "images: Glow's invertible 1x1 convolution, decomposition lu or qr",
+            event="image",
+        ),
+        FlowEntry(
+            "emerging_conv",
+            conv.emerging_conv,
+            None,
+            "images: emerging convolution, two masked convolutions; inverse by substitution",
+            event="image",
+        ),
+        FlowEntry(
+            "periodic_conv",
+            conv.periodic_conv,
+            None,
+            "images: periodic (circular) convolution; log-det and inverse in the Fourier domain",
+            event="image",
+        ),
+        FlowEntry(
+            "actnorm2d",
+            glow_flow.actnorm2d,
+            glow_flow.conditional_actnorm2d,
+            "images: per-channel scale and shift initialised from the first batch (Glow)",
+            event="image",
+        ),
+        FlowEntry(
+            "conv_affine_coupling",
+            glow_flow.conv_affine_coupling,
+            glow_flow.conditional_conv_affine_coupling,
+            "images: affine coupling with a convolutional network, channel or checkerboard mask; "
+            "layers alternate reverse",
+            alternate=_ALTERNATE_HALVES,
+            event="image",
+        ),
+        FlowEntry(
+            "squeeze",
+            glow_flow.squeeze,
+            None,
+            "images: space-to-depth by 2, (C, H, W) -> (4C, H/2, W/2)",
+            event="image",
+            channels_after=lambda channels: 4 * channels,
+        ),
+        FlowEntry(
+            "unsqueeze",
+            glow_flow.unsqueeze,
+            None,
+            "images: depth-to-space by 2, (4C, H, W) -> (C, 2H, 2W)",
+            event="image",
+            channels_after=_quarter,
+        ),
     ]
 }
 
 # Other names a spec may use: the paper's (ccLinIAF) and a shorter one. The
 # VAE posteriors read this table too.
-ALIASES = {"convex_triangular": "convex_triangular_linear", "ccliniaf": "convex_triangular_linear"}
+ALIASES = {
+    "convex_triangular": "convex_triangular_linear",
+    "ccliniaf": "convex_triangular_linear",
+    "iresnet": "residual",
+    "resflow": "residual",
+    "ffjord": "continuous",
+}
 
 _ITEM = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*(?P<count>[^(\s]+))?\s*(?:\((?P<options>.*)\))?\s*$")
+
+
+def spec_event(spec: str) -> str:
+    """``"vector"`` or ``"image"``: what the families a spec names act on."""
+    return parse_spec(spec)[0][0].event
 
 
 def canonical_name(name: str) -> str:
@@ -298,7 +394,10 @@ def build_flow(
     repeat: int = 1,
     defaults: dict[str, Any] | None = None,
 ) -> list:
-    """Build the transforms a spec names, for events of size ``input_dim``.
+    """Build the transforms a spec names, for events of size ``input_dim``
+    (for the image families, ``event="image"``, the channels of a ``(C, H,
+    W)`` event; a squeeze in the spec multiplies them by 4 for the layers
+    after it). A spec names vector families or image families, not both.
 
     With ``context_dim``, families that have a conditional version are built
     conditional on a context of that width. ``repeat`` stacks the whole spec
@@ -316,19 +415,24 @@ def build_flow(
     if context_dim is not None:
         check_count("context_dim", context_dim)
     items = parse_spec(spec)
+    events = {entry.event for entry, _, _ in items}
+    if len(events) > 1:
+        raise ValueError(f"the flow spec {spec!r} mixes vector and image flows; a spec is one or the other")
     transforms = []
     for round_index in range(repeat):
         for entry, count, options in items:
-            transforms.extend(
-                _build_item(entry, count, dict(options), input_dim, context_dim, round_index, defaults or {})
+            layers, input_dim = _build_item(
+                entry, count, dict(options), input_dim, context_dim, round_index, defaults or {}
             )
+            transforms.extend(layers)
     return transforms
 
 
 def _build_item(
     entry: FlowEntry, count, options: dict, input_dim: int, context_dim, round_index: int, defaults: dict
-) -> list:
-    """The layers of one spec item, in repeat number ``round_index``."""
+) -> tuple[list, int]:
+    """The layers of one spec item, in repeat number ``round_index``, and the
+    event size (or channels) after them."""
     conditional = context_dim is not None and entry.build_conditional is not None
     allowed = entry.options(conditional)
     unknown = sorted(set(options) - set(allowed))
@@ -353,7 +457,9 @@ def _build_item(
             transforms.append(entry.build_conditional(input_dim, context_dim, **layer))
         else:
             transforms.append(entry.build(input_dim, **layer))
-    return transforms
+        if entry.channels_after is not None:
+            input_dim = entry.channels_after(input_dim)
+    return transforms, input_dim
 
 
 def available_flows() -> str:

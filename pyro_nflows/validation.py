@@ -13,15 +13,18 @@ import torch
 
 __all__ = [
     "check_bool",
+    "check_choice",
     "check_count",
     "check_event",
     "check_finite",
     "check_hidden_dims",
+    "check_kernel_size",
     "check_input_dim",
     "check_positive",
     "check_rows",
     "check_spline_from",
     "check_spline_order",
+    "check_unit_interval",
 ]
 
 
@@ -52,6 +55,15 @@ def check_hidden_dims(hidden_dims, minimum_layers: int = 0) -> list[int]:
     if len(widths) < minimum_layers:
         raise ValueError(f"hidden_dims must hold at least {minimum_layers} width(s), got {hidden_dims!r}")
     return widths
+
+
+def check_kernel_size(kernel_size: int) -> int:
+    """Return ``kernel_size`` if it is an odd integer >= 1 (a kernel centred on
+    its pixel), else raise ``ValueError``."""
+    kernel_size = check_count("kernel_size", kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (the kernel is centred on the pixel), got {kernel_size}")
+    return kernel_size
 
 
 def check_positive(name: str, value: float) -> float:
@@ -140,3 +152,21 @@ def check_rows(
     if len(tensor) < min_rows:
         raise ValueError(f"{name} needs at least {min_rows} row{'s' if min_rows > 1 else ''}, got {len(tensor)}")
     return tensor
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    """Return ``value`` if it is one of ``choices`` (names such as solvers or
+    estimators), else raise ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_unit_interval(name: str, value: float, hint: str = "") -> float:
+    """Return ``value`` as a float if it is a number strictly between 0 and 1
+    (a contraction's Lipschitz constant, a probability that may be neither 0
+    nor 1), else raise ``ValueError``; ``hint``, if given, ends the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        ending = f"; {hint}" if hint else ""
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}{ending}")
+    return float(value)

@@ -440,26 +440,30 @@ def _inverse_condition(module64, y, context, input_dim) -> torch.Tensor:
 
 
 def _check_training(trained, data, data_context, input_dim) -> None:
-    """Steps 5 and 6: gradients reach every parameter; Adam steps lower -log_prob."""
-    # 5. Gradients of log_prob reach every parameter.
+    """Steps 5 and 6 on vector data: see :func:`check_gradients_and_training`."""
+
+    def loss():
+        return -_flow_dist(trained, data_context, input_dim, torch.float32).log_prob(data).mean()
+
+    check_gradients_and_training(trained, loss, steps=30)
+
+
+def check_gradients_and_training(trained, loss: Callable[[], torch.Tensor], steps: int) -> None:
+    """Steps 5 and 6: gradients of ``loss()`` (``-log_prob`` of some data)
+    reach every parameter, finite and not all zero; ``steps`` Adam steps
+    lower it."""
     trained.zero_grad()
-    (-_flow_dist(trained, data_context, input_dim, torch.float32).log_prob(data).mean()).backward()
+    loss().backward()
     for name, parameter in trained.named_parameters():
         if parameter.numel() == 0:
             continue
         assert parameter.grad is not None, f"no gradient reaches {name}"
         assert torch.isfinite(parameter.grad).all(), f"non-finite gradient for {name}"
         assert parameter.grad.abs().sum() > 0, f"zero gradient for {name}"
-
-    # 6. A few optimiser steps lower -log_prob.
     optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
-
-    def loss():
-        return -_flow_dist(trained, data_context, input_dim, torch.float32).log_prob(data).mean()
-
     with torch.no_grad():
         before = loss().item()
-    for _ in range(30):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss().backward()
         optimizer.step()

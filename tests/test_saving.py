@@ -164,7 +164,7 @@ def test_the_checksum_sees_every_byte_dtype_and_shape_but_not_the_order_of_keys(
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flow", sorted(FLOWS))
+@pytest.mark.parametrize("flow", sorted(name for name, entry in FLOWS.items() if entry.event == "vector"))
 def test_every_flow_saves_and_loads_within_the_build_budget(tmp_path, flow):
     """The budget that a file's weights set for rebuilding its model never refuses a real one."""
     model = DensityModel(3, flow, num_layers=2)
@@ -175,7 +175,7 @@ def test_every_flow_saves_and_loads_within_the_build_budget(tmp_path, flow):
 
 
 @pytest.mark.parametrize("posterior", ["gaussian", "householder:3", "convex_triangular_linear:2", "iaf:2",
-                                       "sylvester:2(kind=orthogonal)", "planar:2"])
+                                       "sylvester:2(kind=orthogonal)", "planar:2", "residual", "continuous"])
 @pytest.mark.parametrize("hidden_dims", [(), (16,)])
 def test_every_vae_posterior_saves_and_loads_within_the_build_budget(tmp_path, posterior, hidden_dims):
     vae = VAE(6, 3, posterior, hidden_dims=hidden_dims)

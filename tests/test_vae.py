@@ -36,6 +36,8 @@ SPECS = [
     "sylvester:2(kind='householder', count_transforms=2)",
     "sylvester:2(kind='triangular')",
     "planar:2",
+    "residual:1(hidden_dims=(8,))",
+    "continuous(hidden_dims=(8,), atol=1e-10, rtol=1e-10)",  # tight: the by-hand check compares to 1e-9
 ]
 
 

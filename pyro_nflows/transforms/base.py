@@ -219,23 +219,33 @@ class FlowTransform(Transform):
             f"{type(self).__name__} has no sign: it is not increasing coordinate by coordinate"
         )
 
+    # The trailing dimensions of an input that are not batch dimensions: 1 for
+    # vectors (and for the element-wise flows, whose parameters have one entry
+    # per coordinate), 3 for images.
+    _event_dims = 1
+
     def _check(self, x: torch.Tensor, what: str) -> None:
-        """The input's size, its dtype against the parameters', and its batch
-        shape against the context's: a ``ValueError`` naming both, not a shape
-        or dtype error from deep inside torch."""
+        """The input's event (:meth:`_check_event`), its dtype against the
+        parameters', and its batch shape against the context's: a
+        ``ValueError`` naming both, not a shape or dtype error from deep inside torch."""
         who = type(self).__name__
-        check_event(x, self.input_dim, who, what)
+        self._check_event(x, what)
         owner = self if isinstance(self, nn.Module) else self.__dict__.get("_owner")
         check_dtype(x, owner, who, what)
         context = self.__dict__.get("_context")
         if context is not None:
+            batch = x.shape[: x.dim() - self._event_dims]
             try:
-                torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+                torch.broadcast_shapes(batch, context.shape[:-1])
             except RuntimeError:
                 raise ValueError(
                     f"{who} was conditioned on a context of batch shape {tuple(context.shape[:-1])}, which does "
-                    f"not broadcast against the {what}'s batch shape {tuple(x.shape[:-1])}"
+                    f"not broadcast against the {what}'s batch shape {tuple(batch)}"
                 ) from None
+
+    def _check_event(self, x: torch.Tensor, what: str) -> None:
+        """``ValueError`` unless ``x`` is a tensor of vectors of size ``input_dim``."""
+        check_event(x, self.input_dim, type(self).__name__, what)
 
     def _cached(self, value: torch.Tensor, forward: bool) -> torch.Tensor:
         versions = self._parameter_versions()

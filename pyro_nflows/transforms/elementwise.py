@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, ParameterFn, resolve
+from pyro_nflows.transforms.initialization import ActNormInitialization
 from pyro_nflows.transforms.splines import rational_quadratic_spline
 from pyro_nflows.validation import check_count, check_input_dim, check_positive, check_spline_order
 
@@ -134,7 +135,7 @@ class ConditionalElementwiseAffine(ConditionalFlow):
         return ConditionedElementwiseAffine(self.input_dim, log_scale, shift)
 
 
-class ActNorm(ElementwiseAffine):
+class ActNorm(ActNormInitialization, ElementwiseAffine):
     r"""Activation normalisation (Glow [1]): an :class:`ElementwiseAffine` whose
     scale and shift are set by the first batch that passes through it, in
     either direction, so that this batch comes out with zero mean and unit
@@ -149,58 +150,7 @@ class ActNorm(ElementwiseAffine):
 
     def __init__(self, input_dim: int, cache_size: int = 1):
         super().__init__(input_dim, cache_size=cache_size)
-        self.register_buffer("initialized", torch.tensor(False))
-        # A Python copy of the flag, so that a call does not read the buffer
-        # (on a GPU, reading it would wait for the device at every call).
-        self._known_initialized = False
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._known_initialized = bool(self.initialized)
-
-    def _ensure_initialized(self, batch: torch.Tensor, direction: str) -> None:
-        if not self._known_initialized:
-            if not self.initialized:
-                self.initialize(batch, direction)
-            self._known_initialized = True
-
-    @torch.no_grad()
-    def initialize(self, data: torch.Tensor, direction: str = "forward") -> None:
-        """Set scale and shift so that ``data`` mapped in ``direction``
-        (``"forward"`` or ``"inverse"``) has zero mean and unit variance."""
-        self._check(data, "initialisation batch")
-        points = data.reshape(-1, self.input_dim)
-        if points.shape[0] < 2:
-            raise ValueError(
-                "ActNorm is initialised from the first batch that passes through it and "
-                f"needs at least 2 points, got a tensor of shape {tuple(data.shape)}; "
-                "pass a batch first, or call initialize(data) with a batch"
-            )
-        mean, std = points.mean(0), points.std(0)
-        constant = torch.nonzero(std == 0).flatten().tolist()
-        if constant:
-            raise ValueError(
-                f"ActNorm cannot initialise from a batch in which coordinates {constant} "
-                "are constant (their scale would be infinite)"
-            )
-        if direction == "forward":  # y = e^s x + t standardised: e^s = 1/std, t = -mean/std
-            self.log_scale.copy_(-std.log())
-            self.shift.copy_(-mean / std)
-        elif direction == "inverse":  # x = e^{-s} (y - t) standardised: e^s = std, t = mean
-            self.log_scale.copy_(std.log())
-            self.shift.copy_(mean)
-        else:
-            raise ValueError(f"direction must be 'forward' or 'inverse', got {direction!r}")
-        self.initialized.fill_(True)
-        self._known_initialized = True
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        self._ensure_initialized(x, "forward")
-        return super()._call(x)
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        self._ensure_initialized(y, "inverse")
-        return super()._inverse(y)
+        self._init_initialization()
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, initialized={bool(self.initialized)}"

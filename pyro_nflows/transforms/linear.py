@@ -42,7 +42,15 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
 from pyro_nflows.transforms.base import ConditionalFlow, FlowTransform, ParameterFn, resolve
-from pyro_nflows.transforms.matrices import count_off_diagonal, fill_triangle, matvec, reflect, triangular_solve
+from pyro_nflows.transforms.matrices import (
+    LUParametrized,
+    QRParametrized,
+    count_off_diagonal,
+    fill_triangle,
+    matvec,
+    reflect,
+    triangular_solve,
+)
 from pyro_nflows.validation import check_count, check_input_dim
 
 __all__ = [
@@ -360,53 +368,42 @@ def conditional_convex_triangular_linear(
 # ---------------------------------------------------------------------------
 
 
-class LULinear(FlowTransform, TransformModule):
+class LULinear(LUParametrized, FlowTransform, TransformModule):
     r"""A learnable invertible affine map in LU form (Glow [3]),
 
     .. math:: y = P L U x + b, \qquad \log|\det| = \sum_i \log u_{ii},
 
     with :math:`P` a fixed random permutation, :math:`L` unit lower triangular,
-    :math:`U` upper triangular with diagonal :math:`u_{ii} = e^{s_i} > 0`.
-    Starts at :math:`W = P`. Inverse: two triangular solves, :math:`O(D^2)` per point.
+    :math:`U` upper triangular with diagonal :math:`u_{ii} = e^{s_i} > 0`
+    (the parametrisation of :class:`~pyro_nflows.transforms.matrices.LUParametrized`,
+    shared with the 1x1 convolution). Starts at :math:`W = P`. Inverse: two
+    triangular solves, :math:`O(D^2)` per point.
     """
 
     def __init__(self, input_dim: int, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_input_dim(input_dim)
-        off = count_off_diagonal(input_dim)
-        self.lower_entries = nn.Parameter(torch.zeros(off))
-        self.upper_entries = nn.Parameter(torch.zeros(off))
-        self.log_diagonal = nn.Parameter(torch.zeros(input_dim))
+        self._init_lu(input_dim)
         self.bias = nn.Parameter(torch.zeros(input_dim))
-        permutation = torch.randperm(input_dim)
-        self.register_buffer("permutation", permutation)
-        self.register_buffer("inverse_permutation", torch.argsort(permutation))
-
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.input_dim
-        lower = fill_triangle(self.lower_entries, size, -1, self.lower_entries.new_ones(()))
-        upper = fill_triangle(self.upper_entries, size, 1, self.log_diagonal.exp())
-        return lower, upper
 
     def matrix(self) -> torch.Tensor:
         """The matrix :math:`W = P L U`."""
-        lower, upper = self._factors()
-        return (lower @ upper)[self.permutation]
+        return self.lu_matrix()
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         return matvec(self.matrix(), x) + self.bias
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        lower, upper = self._factors()
+        lower, upper = self.lu_factors()
         z = (y - self.bias)[..., self.inverse_permutation]
         z = triangular_solve(lower, z, upper=False, unitriangular=True)
         return triangular_solve(upper, z, upper=True)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.log_diagonal.sum().to(x.dtype).expand(x.shape[:-1])
+        return self.lu_log_abs_det().to(x.dtype).expand(x.shape[:-1])
 
 
-class QRLinear(FlowTransform, TransformModule):
+class QRLinear(QRParametrized, FlowTransform, TransformModule):
     r"""A learnable invertible affine map in QR form (Hoogeboom et al. [4]),
 
     .. math:: y = Q R x + b, \qquad \log|\det| = \sum_i \log r_{ii},
@@ -414,7 +411,9 @@ class QRLinear(FlowTransform, TransformModule):
     with :math:`Q = H_K \cdots H_1` a product of ``count_transforms``
     Householder reflections (applied by :func:`reflect`, the machinery of
     :class:`Householder`) and :math:`R` upper triangular with diagonal
-    :math:`r_{ii} = e^{s_i} > 0`. With :math:`K = D` (the default) :math:`Q`
+    :math:`r_{ii} = e^{s_i} > 0` (the parametrisation of
+    :class:`~pyro_nflows.transforms.matrices.QRParametrized`, shared with the
+    1x1 convolution). With :math:`K = D` (the default) :math:`Q`
     can be any rotation. Starts at a random orthogonal :math:`Q`, :math:`R = I`.
     Inverse: :math:`Q^\top` then a triangular solve, :math:`O(D^2)` per point.
     """
@@ -423,15 +422,12 @@ class QRLinear(FlowTransform, TransformModule):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_input_dim(input_dim)
         count = input_dim if count_transforms is None else check_count("count_transforms", count_transforms)
-        bound = 1.0 / math.sqrt(input_dim)
-        self.vectors = nn.Parameter(torch.empty(count, input_dim).uniform_(-bound, bound))
-        self.upper_entries = nn.Parameter(torch.zeros(count_off_diagonal(input_dim)))
-        self.log_diagonal = nn.Parameter(torch.zeros(input_dim))
+        self._init_qr(input_dim, count)
         self.bias = nn.Parameter(torch.zeros(input_dim))
 
     def upper(self) -> torch.Tensor:
         """The matrix :math:`R`."""
-        return fill_triangle(self.upper_entries, self.input_dim, 1, self.log_diagonal.exp())
+        return self.qr_upper()
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         return reflect(matvec(self.upper(), x), self.vectors) + self.bias
@@ -441,7 +437,7 @@ class QRLinear(FlowTransform, TransformModule):
         return triangular_solve(self.upper(), z, upper=True)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.log_diagonal.sum().to(x.dtype).expand(x.shape[:-1])
+        return self.qr_log_abs_det().to(x.dtype).expand(x.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, count_transforms={self.vectors.shape[0]}"

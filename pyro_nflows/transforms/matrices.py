@@ -19,6 +19,15 @@ so a batch of row vectors is reflected by two matrix products and one
 and QR flows (:mod:`~pyro_nflows.transforms.linear`) and the Sylvester flows
 (:mod:`~pyro_nflows.transforms.sylvester_flow`) apply their reflections with it.
 
+**LU and QR parametrisations.** :class:`LUParametrized` and
+:class:`QRParametrized` give a module a square invertible matrix with a cheap
+:math:`\log|\det|`, :math:`W = P L U` (Glow [3]) or :math:`W = Q R` with
+:math:`Q` a product of reflections (Hoogeboom et al. [4]): its parameters,
+the matrix, its inverse and its log-determinant, written once for the
+affine maps :class:`~pyro_nflows.transforms.linear.LULinear` /
+:class:`~pyro_nflows.transforms.linear.QRLinear` and the invertible 1x1
+convolution :class:`~pyro_nflows.transforms.conv.Conv1x1`.
+
 References:
 
 [1] Thierry Joffrain, Tze Meng Low, Enrique S. Quintana-Orti, Robert van de
@@ -27,16 +36,29 @@ References:
 [2] Robert Schreiber, Charles Van Loan. A storage-efficient WY representation
     for products of Householder transformations. SIAM J. Sci. Stat. Comput.
     10(1), 1989.
+[3] Diederik P. Kingma, Prafulla Dhariwal. Glow: Generative Flow with
+    Invertible 1x1 Convolutions. arXiv:1807.03039
+[4] Emiel Hoogeboom, Rianne van den Berg, Max Welling. Emerging Convolutions
+    for Generative Normalizing Flows. arXiv:1901.11137
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+from torch import nn
 
-__all__ = ["count_off_diagonal", "fill_triangle", "matvec", "reflect", "triangular_solve"]
-
+__all__ = [
+    "LUParametrized",
+    "QRParametrized",
+    "count_off_diagonal",
+    "fill_triangle",
+    "matvec",
+    "reflect",
+    "triangular_solve",
+]
 
 
 def matvec(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +112,6 @@ def count_off_diagonal(size: int) -> int:
     return size * (size - 1) // 2
 
 
-
 def reflect(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     r"""Apply :math:`H_K \cdots H_1` (or, with ``inverse=True``, its inverse
     :math:`H_1 \cdots H_K`) to each vector ``x[..., :]``.
@@ -129,3 +150,94 @@ def reflect(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> to
         factor, x.unsqueeze(-2) @ units.mT, upper=not inverse, left=False
     )
     return x - (coefficients @ units).squeeze(-2)
+
+
+# ---------------------------------------------------------------------------
+# Square invertible matrices with a cheap log-determinant: P L U and Q R
+# ---------------------------------------------------------------------------
+
+
+class LUParametrized:
+    r"""A mixin for a module that owns a square matrix in LU form (Glow [3]),
+
+    .. math:: W = P L U, \qquad \log|\det W| = \textstyle\sum_i s_i,
+
+    with :math:`P` a fixed random permutation (buffers ``permutation`` and
+    ``inverse_permutation``), :math:`L` unit lower triangular
+    (``lower_entries``) and :math:`U` upper triangular (``upper_entries``)
+    with diagonal :math:`u_{ii} = e^{s_i} > 0` (``log_diagonal``). It starts
+    at :math:`W = P`. Call :meth:`_init_lu` in ``__init__``.
+    """
+
+    def _init_lu(self, size: int) -> None:
+        """Register the parameters (zeros: :math:`W = P`) and a random permutation."""
+        off = count_off_diagonal(size)
+        self.lower_entries = nn.Parameter(torch.zeros(off))
+        self.upper_entries = nn.Parameter(torch.zeros(off))
+        self.log_diagonal = nn.Parameter(torch.zeros(size))
+        permutation = torch.randperm(size)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The triangular factors :math:`(L, U)`."""
+        size = self.log_diagonal.shape[-1]
+        lower = fill_triangle(self.lower_entries, size, -1, self.lower_entries.new_ones(()))
+        upper = fill_triangle(self.upper_entries, size, 1, self.log_diagonal.exp())
+        return lower, upper
+
+    def lu_matrix(self) -> torch.Tensor:
+        """The matrix :math:`W = P L U`."""
+        lower, upper = self.lu_factors()
+        return (lower @ upper)[self.permutation]
+
+    def lu_inverse_matrix(self) -> torch.Tensor:
+        r""":math:`W^{-1} = U^{-1} L^{-1} P^\top`, by two triangular solves (:math:`O(D^3)`, once)."""
+        lower, upper = self.lu_factors()
+        eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+        inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        inverse = torch.linalg.solve_triangular(upper, inverse, upper=True)
+        return inverse[:, self.permutation]
+
+    def lu_log_abs_det(self) -> torch.Tensor:
+        r""":math:`\log|\det W| = \sum_i s_i`."""
+        return self.log_diagonal.sum()
+
+
+class QRParametrized:
+    r"""A mixin for a module that owns a square matrix in QR form (Hoogeboom et al. [4]),
+
+    .. math:: W = Q R, \qquad \log|\det W| = \textstyle\sum_i s_i,
+
+    with :math:`Q = H_K \cdots H_1` a product of :math:`K` Householder
+    reflections (``vectors``, applied by :func:`reflect`) and :math:`R`
+    upper triangular (``upper_entries``) with diagonal :math:`r_{ii} = e^{s_i} > 0`
+    (``log_diagonal``). With :math:`K = D` reflections :math:`Q` can be any
+    rotation. It starts at a random orthogonal :math:`Q` and :math:`R = I`.
+    Call :meth:`_init_qr` in ``__init__``.
+    """
+
+    def _init_qr(self, size: int, count: int) -> None:
+        """Register ``count`` random reflection vectors and :math:`R = I`."""
+        bound = 1.0 / math.sqrt(size)
+        self.vectors = nn.Parameter(torch.empty(count, size).uniform_(-bound, bound))
+        self.upper_entries = nn.Parameter(torch.zeros(count_off_diagonal(size)))
+        self.log_diagonal = nn.Parameter(torch.zeros(size))
+
+    def qr_upper(self) -> torch.Tensor:
+        """The matrix :math:`R`."""
+        return fill_triangle(self.upper_entries, self.log_diagonal.shape[-1], 1, self.log_diagonal.exp())
+
+    def qr_matrix(self) -> torch.Tensor:
+        """The matrix :math:`W = Q R` (:func:`reflect` applied to the columns of :math:`R`)."""
+        return reflect(self.qr_upper().mT, self.vectors).mT
+
+    def qr_inverse_matrix(self) -> torch.Tensor:
+        r""":math:`W^{-1} = R^{-1} Q^\top`: a triangular solve and :func:`reflect` (:math:`O(D^3)`, once)."""
+        upper = self.qr_upper()
+        eye = torch.eye(upper.shape[-1], dtype=upper.dtype, device=upper.device)
+        return reflect(torch.linalg.solve_triangular(upper, eye, upper=True), self.vectors)
+
+    def qr_log_abs_det(self) -> torch.Tensor:
+        r""":math:`\log|\det W| = \sum_i s_i`."""
+        return self.log_diagonal.sum()

@@ -31,6 +31,10 @@ spec                                :math:`q(z \mid x)`
                                     ``householder`` or ``triangular`` (alternating the reversal
                                     permutation); :math:`Q, R, \tilde R, b` linear in :math:`h`
 ``planar:K``                        :math:`K` planar flows [5]; :math:`u, w, b` linear in :math:`h`
+``residual:K``                      :math:`K` invertible residual blocks [6], :math:`h` entering
+                                    every layer of the Lipschitz network
+``continuous:K``                    :math:`K` continuous flows [7] whose dynamics
+                                    :math:`f(z, t, h)` read :math:`h` (FFJORD's amortized posterior)
 ==================================  ==================================================================
 
 ``N`` may be left out: one layer (``householder``: one reflection;
@@ -60,6 +64,11 @@ References:
     Sylvester Normalizing Flows for Variational Inference. arXiv:1803.05649
 [5] Danilo Jimenez Rezende, Shakir Mohamed. Variational Inference with
     Normalizing Flows. arXiv:1505.05770
+[6] Ricky T. Q. Chen, Jens Behrmann, David Duvenaud, Jörn-Henrik Jacobsen.
+    Residual Flows for Invertible Generative Modeling. arXiv:1906.02735
+[7] Will Grathwohl, Ricky T. Q. Chen, Jesse Bettencourt, Ilya Sutskever,
+    David Duvenaud. FFJORD: Free-form Continuous Dynamics for Scalable
+    Reversible Generative Models. arXiv:1810.01367
 """
 
 from __future__ import annotations
@@ -118,6 +127,10 @@ POSTERIORS: dict[str, PosteriorFamily] = {
             "sylvester:K(kind=orthogonal|householder|triangular) - K Sylvester flows (van den Berg et al. 2018)",
         ),
         PosteriorFamily("planar", "planar:K - K planar flows (Rezende & Mohamed 2015)"),
+        PosteriorFamily("residual", "residual:K - K invertible residual blocks reading h (Chen et al. 2019)"),
+        PosteriorFamily(
+            "continuous", "continuous:K - K continuous flows whose dynamics read h (FFJORD, Grathwohl et al. 2019)"
+        ),
     ]
 }
 
@@ -225,6 +238,8 @@ def _defaults(name: str, z_dim: int) -> dict[str, Any]:
     """Options the papers use where the package's helpers default otherwise."""
     if name == "iaf":
         return {"hidden_dims": default_hidden_dims(z_dim, network="made"), "stable": True}
+    if name in ("residual", "continuous"):
+        return {}  # their networks read h and z together: the helpers' own widths
     return {"hidden_dims": ()}  # the parameters are linear in h
 
 
