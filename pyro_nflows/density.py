@@ -66,8 +66,8 @@ PRESETS = {
 }
 DEFAULT_FLOW = "maf"
 # Options for every layer that takes them, unless the spec sets them. A density model is trained
-# by scoring data, so spline autoregressive flows score in one pass (the MAF direction; the
-# layer's own default, Pyro's, is the IAF direction guides sample with), spline couplings evaluate
+# by scoring data, so spline autoregressive and residual flows score in one pass (the MAF direction;
+# the layer's own default, Pyro's, is the IAF direction guides sample with), spline couplings evaluate
 # their spline from the data side (the layer's own default, the noise side, is the form guides
 # train), and MAF, affine and additive couplings start as a mild random map: a guide needs the
 # identity start, a density model trains better without it (measured:

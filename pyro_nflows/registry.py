@@ -241,7 +241,8 @@ FLOWS: dict[str, FlowEntry] = {
             "residual",
             residual_flow.residual,
             residual_flow.conditional_residual,
-            "invertible residual block x + g(x), g Lipschitz (i-ResNet, Residual Flows); inverse by fixed point; "
+            "invertible residual block x + g(x), g Lipschitz (i-ResNet, Residual Flows); the other direction by "
+            "fixed point; direction iaf (block samples, the default) or maf (block scores data, what fit uses); "
             "logdet exact, series or roulette",
         ),
         FlowEntry(

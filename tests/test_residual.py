@@ -33,12 +33,14 @@ Z_BOUND = 4.0
 # ---------------------------------------------------------------------------
 
 
-def test_residual_passes_the_shared_checks():
-    check_transform(lambda: residual(5, hidden_dims=(16, 16)), 5)
+@pytest.mark.parametrize("direction", ["iaf", "maf"])
+def test_residual_passes_the_shared_checks(direction):
+    check_transform(lambda: residual(5, hidden_dims=(16, 16), direction=direction), 5)
 
 
-def test_conditional_residual_passes_the_shared_checks():
-    check_transform(lambda: conditional_residual(5, 3, hidden_dims=(16, 16)), 5, 3)
+@pytest.mark.parametrize("direction", ["iaf", "maf"])
+def test_conditional_residual_passes_the_shared_checks(direction):
+    check_transform(lambda: conditional_residual(5, 3, hidden_dims=(16, 16), direction=direction), 5, 3)
 
 
 # ---------------------------------------------------------------------------
@@ -458,6 +460,43 @@ def test_training_with_the_roulette_estimator_lowers_the_exact_loss():
 
 
 # ---------------------------------------------------------------------------
+# The direction: which way is one pass
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction, scoring_solves", [("iaf", True), ("maf", False)])
+def test_the_direction_decides_which_way_solves(direction, scoring_solves):
+    torch.manual_seed(0)
+    flow = residual(2, hidden_dims=(16,), direction=direction)
+    base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+    density = dist.TransformedDistribution(base, [flow])
+    density.log_prob(_skewed_data(8))
+    assert (flow.last_inverse_iterations is not None) == scoring_solves
+    flow.last_inverse_iterations = None
+    density.sample((8,))
+    assert (flow.last_inverse_iterations is not None) != scoring_solves
+
+
+def test_the_two_directions_are_inverses_of_each_other():
+    torch.manual_seed(0)
+    iaf = residual(3, hidden_dims=(16,)).double()
+    maf = residual(3, hidden_dims=(16,), direction="maf").double()
+    maf.load_state_dict(iaf.state_dict())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = iaf(x)
+    assert torch.equal(maf.inv(x), y) and torch.allclose(maf(y), x, atol=1e-12)
+    assert torch.allclose(maf.log_abs_det_jacobian(y, x), -iaf.log_abs_det_jacobian(x, y), atol=1e-12)
+
+
+def test_fit_scores_data_in_one_pass():
+    from pyro_nflows.density import DensityModel
+
+    model = DensityModel(2, flow="residual", num_layers=2)
+    directions = [layer.direction for layer in model.layers if isinstance(layer, Residual)]
+    assert directions == ["maf", "maf"]
+
+
+# ---------------------------------------------------------------------------
 # The power-iteration buffers: state_dict, pickling, cache
 # ---------------------------------------------------------------------------
 
@@ -562,6 +601,7 @@ def test_a_lipschitz_constant_outside_zero_one_is_refused(lipschitz):
         (dict(roulette_p=0.0), "roulette_p must be a number strictly between 0 and 1"),
         (dict(roulette_p=1.0), "roulette_p must be a number strictly between 0 and 1"),
         (dict(n_power_iterations=0), "n_power_iterations must be an integer >= 1"),
+        (dict(direction="forward"), "direction must be one of 'iaf', 'maf'"),
     ],
 )
 def test_bad_options_are_refused(options, message):

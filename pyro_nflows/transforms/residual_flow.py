@@ -9,6 +9,13 @@ linear layers. Then :math:`x \mapsto x + g(x)` is a bijection of :math:`\mathbb{
 :math:`J_g` has modulus below 1. The conditional flow feeds a context into :math:`g`
 (shifting every layer's pre-activations), which leaves the bound in :math:`x` intact.
 
+**Direction.** The block is one network pass; solving it takes several. ``direction="iaf"``
+(the default) makes the block the forward map, noise to data, so that sampling, and scoring
+one's own samples as guides and VAE posteriors do, is one pass; ``direction="maf"`` makes it
+the inverse, data to noise, so that scoring data is one pass, as a density model trains (the
+form of Residual Flows' density models [2]; ``fit`` uses it). Below, the block is
+:math:`y = x + g(x)` whichever way it points.
+
 **Inverse.** :math:`x^*` is the fixed point of :math:`T(x) = y - g(x)`, a contraction with
 constant :math:`q`. From :math:`x_0 = y`, :math:`x_{k+1} = y - g(x_k)` (one network pass
 each), and the error obeys
@@ -123,6 +130,7 @@ __all__ = [
 ]
 
 LOG_DETS = ("exact", "series", "roulette")
+DIRECTIONS = ("iaf", "maf")
 PROBES = ("rademacher", "gaussian")
 LIPSCHITZ_HINT = "y = x + g(x) is invertible only for a contraction g (0.9 is the default; Residual Flows use 0.98)"
 
@@ -135,9 +143,11 @@ def _options(
     probe: str,
     tolerance: float | None,
     max_iterations: int | None,
+    direction: str,
 ) -> dict:
     """The options of a residual flow, checked (one place for the three classes)."""
     return dict(
+        direction=check_choice("direction", direction, DIRECTIONS),
         logdet=check_choice("logdet", logdet, LOG_DETS),
         count_terms=check_count("count_terms", count_terms),
         count_exact_terms=check_count("count_exact_terms", count_exact_terms, minimum=0),
@@ -191,10 +201,14 @@ class ConditionedResidual(FlowTransform):
         a residual of :math:`10^{-13}` relative in float64, ten epsilons in float32).
     :param max_iterations: the inverse's budget of fixed-point steps (default: twice what
         the contraction bound needs, plus 10).
+    :param direction: ``"iaf"``: the forward map (noise to data, sampling) is the block
+        :math:`y = x + g(x)` and the inverse solves it; ``"maf"``: the inverse (data to
+        noise, scoring) is the block and the forward map solves it.
 
     The stochastic estimators draw their probes and :math:`N` from torch's global
-    generator. ``last_inverse_iterations`` holds the fixed-point steps of the latest inverse
-    (a diagnostic; ``None`` before the first).
+    generator. ``last_inverse_iterations`` holds the fixed-point steps of the latest solve
+    of the block (the inverse; the forward map with ``direction="maf"``), a diagnostic,
+    ``None`` before the first.
     """
 
     def __init__(
@@ -209,6 +223,7 @@ class ConditionedResidual(FlowTransform):
         probe: str = "rademacher",
         tolerance: float | None = None,
         max_iterations: int | None = None,
+        direction: str = "iaf",
         cache_size: int = 1,
     ):
         super().__init__(cache_size=cache_size)
@@ -218,7 +233,9 @@ class ConditionedResidual(FlowTransform):
         self.input_dim = net.input_dim
         self.net = net
         self.context = context
-        options = _options(logdet, count_terms, count_exact_terms, roulette_p, probe, tolerance, max_iterations)
+        options = _options(
+            logdet, count_terms, count_exact_terms, roulette_p, probe, tolerance, max_iterations, direction
+        )
         self.__dict__.update(options)
         self.last_inverse_iterations = None
 
@@ -243,16 +260,31 @@ class ConditionedResidual(FlowTransform):
         batch = torch.broadcast_shapes(x.shape[:-1], shift.shape[:-1])
         return x.expand(batch + x.shape[-1:]), shift.expand(batch + shift.shape[-1:])
 
+    # The block x + g(x) is the forward map ("iaf", sampling in one pass) or the inverse
+    # ("maf", scoring data in one pass); the other direction solves it.
+
     def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_block(x) if self.direction == "iaf" else self._solve_block(x, "forward")
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self._solve_block(y, "inverse") if self.direction == "iaf" else self._apply_block(y)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.direction == "iaf":
+            return self._block_log_det(x)
+        return -self._block_log_det(y)
+
+    def _apply_block(self, x: torch.Tensor) -> torch.Tensor:
         g, shift = self._function()
         return x + g(x, shift)
 
     # ----------------------------------------------------------------------------------
-    # Inverse
+    # Solving the block
     # ----------------------------------------------------------------------------------
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        who = f"{type(self).__name__} inverse"
+    def _solve_block(self, y: torch.Tensor, direction: str) -> torch.Tensor:
+        """The ``x`` with ``x + g(x) = y``, by fixed-point iteration, with implicit gradients."""
+        who = f"{type(self).__name__} {direction}"
         check_finite(y, who)
         g, shift = self._function()
         y, shift = self._broadcast(y, shift)
@@ -344,7 +376,8 @@ class ConditionedResidual(FlowTransform):
     # Log-determinant
     # ----------------------------------------------------------------------------------
 
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _block_log_det(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log\det(I + J_g(x))`, the log-determinant of the block at its input ``x``."""
         if self.logdet == "exact":
             return self._exact_log_det(x)
         return self._stochastic_log_det(x)
@@ -410,7 +443,10 @@ class ConditionedResidual(FlowTransform):
         return total
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, lipschitz={self.net.lipschitz}, logdet={self.logdet!r}"
+        return (
+            f"input_dim={self.input_dim}, lipschitz={self.net.lipschitz}, logdet={self.logdet!r}, "
+            f"direction={self.direction!r}"
+        )
 
 
 class Residual(ConditionedResidual, TransformModule):
@@ -442,6 +478,11 @@ class Residual(ConditionedResidual, TransformModule):
     :param max_iterations: the inverse's budget of fixed-point steps; by default twice what
         the contraction bound says the tolerance needs, plus 10: exceeding it means the map
         is not the contraction it should be, which is reported, not hidden.
+    :param direction: which direction is the block itself, one pass (the other solves it):
+        ``"iaf"`` (default) the forward map, what guides and VAE posteriors sample and score
+        their own samples with; ``"maf"`` the inverse, what a density model scores data with
+        (Residual Flows' density models are built this way [2]; :func:`~pyro_nflows.fit`
+        uses it).
     :param n_power_iterations: power-iteration steps per weight update in training
         mode for layers wider than 128 on both sides (smaller ones, and all in evaluation
         mode, get exact singular vectors, see :mod:`pyro_nflows.nn.lipschitz`); 1, as
@@ -473,6 +514,7 @@ class Residual(ConditionedResidual, TransformModule):
         tolerance: float | None = None,
         max_iterations: int | None = None,
         n_power_iterations: int = 1,
+        direction: str = "iaf",
         cache_size: int = 1,
     ):
         check_input_dim(input_dim)
@@ -482,7 +524,8 @@ class Residual(ConditionedResidual, TransformModule):
         net = LipschitzMLP(input_dim, hidden_dims, lipschitz=lipschitz, n_power_iterations=n_power_iterations)
         super().__init__(
             net, logdet=logdet, count_terms=count_terms, count_exact_terms=count_exact_terms, roulette_p=roulette_p,
-            probe=probe, tolerance=tolerance, max_iterations=max_iterations, cache_size=cache_size,
+            probe=probe, tolerance=tolerance, max_iterations=max_iterations, direction=direction,
+            cache_size=cache_size,
         )
 
 
@@ -509,6 +552,7 @@ class ConditionalResidual(ConditionalFlow):
         tolerance: float | None = None,
         max_iterations: int | None = None,
         n_power_iterations: int = 1,
+        direction: str = "iaf",
     ):
         super().__init__(input_dim, context_dim)
         check_unit_interval("lipschitz", lipschitz, LIPSCHITZ_HINT)
@@ -517,13 +561,19 @@ class ConditionalResidual(ConditionalFlow):
         self.net = LipschitzMLP(
             input_dim, hidden_dims, context_dim=context_dim, lipschitz=lipschitz, n_power_iterations=n_power_iterations
         )
-        self.options = _options(logdet, count_terms, count_exact_terms, roulette_p, probe, tolerance, max_iterations)
+        self.options = _options(
+            logdet, count_terms, count_exact_terms, roulette_p, probe, tolerance, max_iterations, direction
+        )
 
     def _condition(self, context: torch.Tensor) -> ConditionedResidual:
         return ConditionedResidual(self.net, context, **self.options)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lipschitz={self.net.lipschitz}, logdet={self.options['logdet']!r}"
+        options = self.options
+        return (
+            f"{super().extra_repr()}, lipschitz={self.net.lipschitz}, logdet={options['logdet']!r}, "
+            f"direction={options['direction']!r}"
+        )
 
 
 def residual(
@@ -539,12 +589,13 @@ def residual(
     tolerance: float | None = None,
     max_iterations: int | None = None,
     n_power_iterations: int = 1,
+    direction: str = "iaf",
 ) -> Residual:
     """A learnable invertible residual flow on vectors of size ``input_dim`` (see :class:`Residual`)."""
     return Residual(
         input_dim, hidden_dims, lipschitz=lipschitz, logdet=logdet, count_terms=count_terms,
         count_exact_terms=count_exact_terms, roulette_p=roulette_p, probe=probe, tolerance=tolerance,
-        max_iterations=max_iterations, n_power_iterations=n_power_iterations,
+        max_iterations=max_iterations, n_power_iterations=n_power_iterations, direction=direction,
     )
 
 
@@ -562,11 +613,12 @@ def conditional_residual(
     tolerance: float | None = None,
     max_iterations: int | None = None,
     n_power_iterations: int = 1,
+    direction: str = "iaf",
 ) -> ConditionalResidual:
     """A residual flow whose Lipschitz network also reads a context of width ``context_dim``
     (see :class:`ConditionalResidual`)."""
     return ConditionalResidual(
         input_dim, context_dim, hidden_dims, lipschitz=lipschitz, logdet=logdet, count_terms=count_terms,
         count_exact_terms=count_exact_terms, roulette_p=roulette_p, probe=probe, tolerance=tolerance,
-        max_iterations=max_iterations, n_power_iterations=n_power_iterations,
+        max_iterations=max_iterations, n_power_iterations=n_power_iterations, direction=direction,
     )
