@@ -199,14 +199,14 @@ class ConditionedElementwiseSpline(_Elementwise):
         widths, heights, derivatives = (scale * resolve(p) for p in (self.widths, self.heights, self.derivatives))
         return rational_quadratic_spline(x, widths, heights, derivatives, bound=self.bound, inverse=inverse)
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self._spline(x, inverse=False)[0]
+    # Each direction's pass gives the log-derivatives too: FlowTransform hands
+    # them over, so TransformedDistribution.log_prob evaluates the spline once.
+    def _call_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._spline(x, inverse=False)
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self._spline(y, inverse=True)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._spline(x, inverse=False)[1]
+    def _inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, inverse_log_det = self._spline(y, inverse=True)
+        return x, -inverse_log_det
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, bound={self.bound}"
