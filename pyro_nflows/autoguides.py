@@ -465,9 +465,26 @@ class AutoFlow(AutoContinuous):
             loc, scale = self._loc_scale()
         except NotImplementedError:
             check_count("num_samples", num_samples, minimum=2)
-            samples = self.get_posterior().sample((num_samples,))
+            samples = self.get_transform()(self._quasi_normal(num_samples))
             return torch.quantile(samples, probs.to(samples.dtype), dim=0)
         return dist.Normal(loc, scale).icdf(probs.to(loc.dtype)[:, None])
+
+    def _quasi_normal(self, num_samples: int) -> torch.Tensor:
+        r"""``num_samples`` points of :math:`N(0, I_D)` for the Monte Carlo
+        summaries: a scrambled Sobol sequence of seed 0 through the normal
+        quantile function (randomised quasi-Monte Carlo: deterministic, and
+        torch's random state is left untouched), or, beyond the dimensions
+        Sobol sequences cover, plain draws from a generator of seed 0."""
+        dim = self.latent_dim
+        if dim <= torch.quasirandom.SobolEngine.MAXDIM:
+            engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=0)
+            uniform = engine.draw(num_samples, dtype=torch.float64)
+        else:
+            generator = torch.Generator().manual_seed(0)
+            uniform = torch.rand(num_samples, dim, generator=generator, dtype=torch.float64)
+        tiny = torch.finfo(torch.float64).eps
+        normal = torch.special.ndtri(uniform.clamp(tiny, 1 - tiny))
+        return normal.to(dtype=self.loc.dtype, device=self.loc.device)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, num_samples: int = 1000, **kwargs) -> dict[str, torch.Tensor]:
