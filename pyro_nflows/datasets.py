@@ -25,6 +25,12 @@ pixels (the built-in default of ``pyro-nflows vae``); ``load_mnist(root)`` --
 MNIST from the standard IDX files you have downloaded (never downloaded
 here), read by ``read_idx``, a small IDX parser of our own.
 
+Images for image density estimation (:func:`pyro_nflows.images.fit_images`),
+shape ``(n, C, H, W)``, pixels as integer levels: ``digits_images()`` -- the
+digits as ``(1, 8, 8)`` images of their counts 0..16 (``DIGITS_VALUES`` = 17
+values, ``num_bits=DIGITS_BITS``); ``load_mnist(root, images=True)`` --
+MNIST as ``(1, 28, 28)`` images of grey levels 0..255 (``num_bits=8``).
+
 Your own data: ``load_array(path)`` reads a ``.csv`` or ``.npy`` file into an
 ``(n, d)`` float tensor, refusing (with a ``ValueError`` naming the file and the
 fault) anything it would otherwise have to guess about.
@@ -59,10 +65,13 @@ __all__ = [
     "CHECKERBOARD_ENTROPY_BITS",
     "DATASETS",
     "DEFAULT_N",
+    "DIGITS_BITS",
+    "DIGITS_VALUES",
     "binarized_digits",
     "checkerboard",
     "circles",
     "digits",
+    "digits_images",
     "eight_gaussians",
     "load_array",
     "load_dataset",
@@ -84,6 +93,12 @@ CHECKERBOARD_ENTROPY_BITS = 5.0
 
 # Number of rows in scikit-learn's digits dataset.
 _DIGITS_ROWS = 1797
+
+#: The number of values a pixel of scikit-learn's digits takes (the counts
+#: 0..16), and its bits, ``log2(17)``: what ``fit_images`` takes as ``num_bits``
+#: for ``digits_images()``.
+DIGITS_VALUES = 17
+DIGITS_BITS = math.log2(DIGITS_VALUES)
 
 _FLOAT64 = torch.float64
 
@@ -316,6 +331,34 @@ def digits(
     return torch.minimum(values, torch.nextafter(upper, torch.zeros_like(upper)))
 
 
+def digits_images(seed: int | None = None, dtype: torch.dtype = torch.float32, *, n: int | None = None) -> torch.Tensor:
+    """scikit-learn's handwritten digits as images: a (1797, 1, 8, 8) tensor of pixel counts.
+
+    Units: each pixel is the original integer count in 0..16 (the number of
+    ink pixels in a 4 x 4 block of a 32 x 32 bitmap), neither dequantized nor
+    rescaled: 17 values (:data:`DIGITS_VALUES`), so an image model of them is
+    ``fit_images(images, num_bits=DIGITS_BITS)`` (``log2(17)`` bits), whose
+    dequantisation spreads count ``c`` over ``[c, c + 1)``. Row ``i`` is row
+    ``i`` of :func:`digits` reshaped, ``digits_images()[i, 0] ==
+    floor(digits()[i]).reshape(8, 8)``. With a glow of ``levels`` squeezes,
+    8 x 8 images allow ``levels`` 1, 2 or 3 (each squeeze halves the height
+    and width; three leave 1 x 1).
+
+    The values are the same on every call; ``seed`` matters only with ``n``
+    (keyword only): take n images drawn at random without replacement instead
+    of all 1797 in their original order.
+    """
+    dtype = _check_dtype(dtype)
+    if n is not None:
+        check_count("n", n)
+        if n > _DIGITS_ROWS:
+            raise ValueError(f"digits has {_DIGITS_ROWS} rows; cannot take n={n}")
+    counts = torch.tensor(_digit_counts(), dtype=_FLOAT64)
+    if n is not None:
+        counts = counts[torch.randperm(_DIGITS_ROWS, generator=_generator(seed))[:n]]
+    return counts.reshape(-1, 1, 8, 8).to(dtype)
+
+
 def binarized_digits(
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -443,8 +486,11 @@ def load_mnist(
     binarize: str | None = None,
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    images: bool = False,
 ) -> torch.Tensor:
-    """MNIST images from the standard IDX files, as an (n, 784) tensor in [0, 1].
+    """MNIST images from the standard IDX files, as an (n, 784) tensor in [0, 1],
+    or (``images=True``) an (n, 1, 28, 28) tensor of grey levels.
 
     :param root: the folder holding ``train-images-idx3-ubyte`` and
         ``t10k-images-idx3-ubyte`` (each may be gzip-compressed, ``.gz``), or
@@ -454,20 +500,28 @@ def load_mnist(
     :param binarize: ``None`` (grey levels / 255), ``"threshold"`` (1 where
         the intensity is >= 0.5) or ``"stochastic"`` (Bernoulli draws, seeded
         by ``seed``).
-
-    Images are flattened row by row.
+    :param images: ``False``: images flattened row by row, intensities in
+        [0, 1]. ``True`` (keyword only): images of shape ``(1, 28, 28)`` for
+        :func:`pyro_nflows.images.fit_images`, pixels as integer levels: the
+        file's grey levels 0..255 (``num_bits=8``), or 0 and 1 when binarised
+        (``num_bits=1``).
     """
     dtype = _check_dtype(dtype)
     if split not in _MNIST_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_bool("images", images)
     path = _find_mnist_file(Path(root), _MNIST_FILES[split])
-    images = read_idx(path)
-    if images.dtype != np.uint8 or images.ndim != 3:
+    pixels = read_idx(path)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise ValueError(
-            f"'{path}' holds a {images.ndim}-D array of {images.dtype}; MNIST images are 3-D unsigned bytes"
+            f"'{path}' holds a {pixels.ndim}-D array of {pixels.dtype}; MNIST images are 3-D unsigned bytes"
         )
-    intensity = torch.as_tensor(images.reshape(len(images), -1), dtype=_FLOAT64) / 255.0
-    return _binarize(intensity, binarize, _generator(seed)).to(dtype)
+    intensity = torch.as_tensor(pixels.reshape(len(pixels), -1), dtype=_FLOAT64) / 255.0
+    values = _binarize(intensity, binarize, _generator(seed))
+    if not images:
+        return values.to(dtype)
+    levels = torch.as_tensor(pixels, dtype=_FLOAT64) if binarize is None else values
+    return levels.reshape(len(pixels), 1, *pixels.shape[1:]).to(dtype)
 
 
 # --------------------------------------------------------------------------

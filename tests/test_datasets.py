@@ -480,3 +480,36 @@ def test_split_rejects_an_empty_part_and_non_tensors():
         split([[1.0, 2.0]] * 10)
     with pytest.raises(ValueError, match="0-D"):
         split(torch.tensor(1.0))
+
+
+# --------------------------------------------------------------------------
+# Images for image density estimation
+# --------------------------------------------------------------------------
+
+
+def test_digits_images_are_the_counts_as_8_by_8_images():
+    from pyro_nflows.datasets import DIGITS_BITS, DIGITS_VALUES, digits_images
+
+    images = digits_images()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
+    assert torch.equal(images, images.round()) and images.min() == 0 and images.max() == DIGITS_VALUES - 1
+    assert torch.equal(images.reshape(1797, 64), torch.floor(digits(seed=0)))  # row i is digits' row i
+    assert 2**DIGITS_BITS == pytest.approx(17) and torch.equal(digits_images(), images)
+    part = digits_images(seed=2, n=10, dtype=torch.float64)
+    assert part.shape == (10, 1, 8, 8) and part.dtype == torch.float64
+    assert torch.equal(part, digits_images(seed=2, n=10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="1797"):
+        digits_images(n=1798)
+
+
+def test_load_mnist_gives_images_of_grey_levels_when_asked(tmp_path):
+    train = tiny_images(4, seed=0)
+    write_idx(tmp_path / "train-images-idx3-ubyte", train)
+    images = load_mnist(tmp_path, images=True)
+    assert images.shape == (4, 1, 28, 28) and images.dtype == torch.float32
+    assert torch.equal(images, torch.as_tensor(train[:, None], dtype=torch.float32))  # levels 0..255, as in the file
+    binary = load_mnist(tmp_path, binarize="threshold", images=True)
+    assert torch.equal(binary, torch.as_tensor(train[:, None] >= 128, dtype=torch.float32))
+    assert torch.allclose(load_mnist(tmp_path).reshape(4, 1, 28, 28), images / 255)  # the rows are unchanged
+    with pytest.raises(ValueError, match="images must be True or False"):
+        load_mnist(tmp_path, images="yes")
