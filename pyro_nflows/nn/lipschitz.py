@@ -33,7 +33,7 @@ the same :math:`\hat W`. At each refresh:
   rounding. For such matrices an SVD costs little next to a training step, and power
   iteration is not enough: it is warm-started from the last step's vectors, but the
   optimiser moves the weights' top singular directions faster than one or a few steps
-  follow, and :math:`u^\top W v` is only a lower bound of :math:`\sigma(W)`;
+  follow, and :math:`u^\top W v` only bounds :math:`\sigma(W)` below (benchmarks/README.md#residual-spectral-norm);
 - a larger matrix in training mode gets ``n_power_iterations`` steps of power iteration
   (:math:`u \leftarrow Wv / |Wv|`, :math:`v \leftarrow W^\top u / |W^\top u|`, default 1, as
   Miyato et al. [3] and torch), warm-started from the saved vectors; the bound then holds

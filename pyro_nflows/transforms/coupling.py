@@ -23,14 +23,14 @@ and the inverse is exact and costs one network pass: :math:`x_a = y_a`
 gives :math:`\theta(x_a)`, then :math:`x_b = f^{-1}(y_b; \theta)`. The
 log-determinant is recomputed from :math:`x` (no state is kept between calls).
 
-==========================  ==========================================  ==========================
-class                       :math:`f(x_b; \theta)`                      :math:`\log|\det J|`
-==========================  ==========================================  ==========================
-AdditiveCoupling (NICE)     :math:`x_b + t`                             0 (volume preserving)
-AffineCoupling (RealNVP)    :math:`(x_b - t) \odot e^{s}`,              :math:`\sum_i s_i`
+==========================  ==============================================  ==========================
+class                       :math:`f(x_b; \theta)`                          :math:`\log|\det J|`
+==========================  ==============================================  ==========================
+AdditiveCoupling (NICE)     :math:`x_b + t`                                 0 (volume preserving)
+AffineCoupling (RealNVP)    :math:`(x_b - t) \odot e^{s}`,                  :math:`\sum_i s_i`
                             :math:`s = \tilde s / (1 + |\tilde s| / B)`
-SplineCoupling (NSF)        a rational-quadratic spline per coordinate  :math:`\sum_i \log f_i'(x_i)`
-==========================  ==========================================  ==========================
+SplineCoupling (NSF)        a rational-quadratic spline per coordinate      :math:`\sum_i \log f_i'(x_i)`
+==========================  ==============================================  ==========================
 
 The coupling itself (split, network, join, inverse, log-determinant) is
 written once, in :class:`ConditionedCoupling`; the three kinds differ only in

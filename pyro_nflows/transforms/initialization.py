@@ -1,6 +1,6 @@
 """Data-dependent initialisation, shared by the element-wise and image
 activation normalisations (:class:`~pyro_nflows.transforms.elementwise.ActNorm`,
-:class:`~pyro_nflows.transforms.conv.ActNorm2d`).
+:class:`~pyro_nflows.transforms.glow_flow.ActNorm2d`).
 
 References:
 
@@ -23,7 +23,7 @@ class ActNormInitialization:
     so that this batch comes out with zero mean and unit variance per column.
 
     :class:`ActNorm` standardises each coordinate; the image layer
-    :class:`~pyro_nflows.transforms.conv.ActNorm2d` each channel (its
+    :class:`~pyro_nflows.transforms.glow_flow.ActNorm2d` each channel (its
     :meth:`_initialization_points` are the pixels). A module lists it
     before the class of its affine map and calls :meth:`_init_initialization`
     in ``__init__``; its ``_call`` and ``_inverse`` initialise, then run that map.

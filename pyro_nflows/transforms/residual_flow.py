@@ -481,7 +481,7 @@ class Residual(ConditionedResidual, TransformModule):
     :param direction: which direction is the block itself, one pass (the other solves it):
         ``"iaf"`` (default) the forward map, what guides and VAE posteriors sample and score
         their own samples with; ``"maf"`` the inverse, what a density model scores data with
-        (Residual Flows' density models are built this way [2]; :func:`~pyro_nflows.fit`
+        (Residual Flows' density models are built this way [2]; :func:`~pyro_nflows.density.fit`
         uses it).
     :param n_power_iterations: power-iteration steps per weight update in training
         mode for layers wider than 128 on both sides (smaller ones, and all in evaluation

@@ -161,21 +161,21 @@ def rational_quadratic_spline(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply a monotonic rational-quadratic spline element-wise.
 
-    Args:
-        x: the input (the spline's output when ``inverse=True``), any shape.
-        widths: unnormalised bin widths, shape ``(..., K)``, where ``...``
-            broadcasts against ``x.shape`` (e.g. ``(D, K)`` shared across a
-            batch of ``(..., D)`` inputs, or ``(N, D, K)`` per input).
-        heights: unnormalised bin heights, shape ``(..., K)``.
-        derivatives: unnormalised derivatives at the ``K - 1`` interior knots,
-            shape ``(..., K - 1)``.
-        bound: the spline acts on ``[-bound, bound]``; the identity elsewhere.
-        inverse: apply the inverse spline instead.
-        min_bin_width, min_bin_height, min_derivative: lower limits keeping the
-            spline (and its inverse) well conditioned.
-
-    Returns:
-        ``(output, log_abs_det)``: the transformed tensor and
+    :param x: the input (the spline's output when ``inverse=True``), any shape.
+    :param widths: unnormalised bin widths, shape ``(..., K)``, where ``...``
+        broadcasts against ``x.shape`` (e.g. ``(D, K)`` shared across a
+        batch of ``(..., D)`` inputs, or ``(N, D, K)`` per input).
+    :param heights: unnormalised bin heights, shape ``(..., K)``.
+    :param derivatives: unnormalised derivatives at the ``K - 1`` interior knots,
+        shape ``(..., K - 1)``.
+    :param bound: the spline acts on ``[-bound, bound]``; the identity elsewhere.
+    :param inverse: apply the inverse spline instead.
+    :param min_bin_width: lower limit of a bin's width, as a fraction of
+        ``2 * bound``; with ``min_bin_height`` and ``min_derivative`` it keeps the
+        spline (and its inverse) well conditioned.
+    :param min_bin_height: lower limit of a bin's height, likewise.
+    :param min_derivative: lower limit of the derivative at a knot.
+    :returns: ``(output, log_abs_det)``: the transformed tensor and
         ``log|d output / d input|``, element-wise, both of the broadcast shape
         of ``x`` and the parameters' batch shape (``x.shape`` whenever the
         parameters broadcast to it).
