@@ -1,4 +1,4 @@
-"""Speed of pyro_nflows' flows against their peers (pyro, zuko, nflows).
+"""Speed of pyro_nflows' flows against their peers (pyro, zuko, nflows, normflows).
 
 Run from the repository root::
 
@@ -34,7 +34,12 @@ minimum peer/ours ratio)`` or a list of them, each of which must hold; a case
 whose peers take seconds a call can cap its ``repeats`` and ``warmup``). A
 peer left out of ``peers``
 prints "—" (no equivalent); a peer whose import fails prints "—" too, with a
-note (``optional_import``).
+note (``optional_import``). A setup may also return ``notes``, lines printed
+under the table (what a case matched, or counted: the NFE of an ODE solve).
+
+The residual and continuous flows' cases, against normflows and zuko, live in
+``benchmarks/speed_implicit.py``, the image flows' in ``benchmarks/speed_images.py``;
+each appends its cases to ``CASES``.
 """
 
 from __future__ import annotations
@@ -60,7 +65,13 @@ import torch  # noqa: E402
 
 from benchmarks.common import library_versions  # noqa: E402
 
-PEERS = ("pyro", "zuko", "nflows")
+# Run as a script, this module is __main__: let benchmarks/speed_implicit.py's
+# ``from benchmarks.speed import ...`` find it rather than load a second copy.
+if __name__ == "__main__":
+    sys.modules.setdefault("benchmarks.speed", sys.modules[__name__])
+
+PEERS = ("pyro", "zuko", "nflows", "normflows")
+PEER_DISTRIBUTIONS = {"pyro": "pyro-ppl", "zuko": "zuko", "nflows": "nflows", "normflows": "normflows"}
 DASH = "\u2014"
 
 Step = Callable[[], None]
@@ -84,6 +95,8 @@ class Contestants:
     ours: Step
     # peer name -> step, or a string saying why that peer cannot run here.
     peers: Dict[str, object]
+    # Lines printed under the table (what was matched, counted or checked).
+    notes: List[str] = dataclasses.field(default_factory=list)
 
 
 Target = Tuple[str, float]  # (peer, minimum peer/ours ratio)
@@ -255,7 +268,7 @@ def lu_linear_setup(dim: int, batch: int, inverse: bool = False) -> Callable[[],
         x = torch.randn(batch, dim)
         ours = LULinear(dim)
         randomize_(ours, scale=0.1)
-        lower, upper = (m.detach() for m in ours._factors())
+        lower, upper = (m.detach() for m in ours.lu_factors())
         # Ours is y = P L U x + b; the peers have no permutation, so they are
         # checked against the same map without P (P costs one row gather of a
         # D x D matrix, nothing next to the B x D x D product).
@@ -639,6 +652,11 @@ CASES: List[Case] = [
     ),
 ]
 
+# The residual and continuous flows (against normflows and zuko) and the image
+# flows (against Pyro and nflows), in their own modules, which append their
+# cases to CASES when imported.
+import benchmarks.speed_images  # noqa: E402, F401
+import benchmarks.speed_implicit  # noqa: E402, F401
 
 # ---------------------------------------------------------------------------
 # Timing
@@ -752,6 +770,7 @@ class CaseRun(NamedTuple):
     case: Case
     timing: Optional[Timing]
     reasons: Dict[str, str]
+    notes: Sequence[str] = ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -814,7 +833,7 @@ def _print_header(threads: int, settings: RunSettings) -> None:
     import pyro_nflows
 
     origin = getattr(pyro_nflows, "__file__", None) or list(getattr(pyro_nflows, "__path__", ["?"]))[0]
-    print(f"pyro_nflows speed ({library_versions({'pyro': 'pyro-ppl', 'zuko': 'zuko', 'nflows': 'nflows'})})")
+    print(f"pyro_nflows speed ({library_versions(PEER_DISTRIBUTIONS)})")
     print(
         f"threads={threads}  rounds={settings.repeats}  sample~{settings.sample_s * 1e3:.0f} ms  "
         f"warmup={settings.warmup}  "
@@ -851,7 +870,7 @@ def _time_case(case: Case, contestants: Contestants, settings: RunSettings, rng:
     warmup = min(settings.warmup, settings.warmup if case.warmup is None else case.warmup)
     timing = measure(steps, repeats, settings.sample_s, warmup, rng, settings.budget_s, min(MIN_ROUNDS, repeats))
     timing.repeats = repeats
-    return CaseRun(case, timing, reasons)
+    return CaseRun(case, timing, reasons, list(contestants.notes))
 
 
 def _run_cases(cases: Sequence[Case], settings: RunSettings, rng: random.Random) -> Tuple[List[CaseRun], List[str]]:
@@ -896,7 +915,7 @@ def _print_results_table(results: Sequence[CaseRun]) -> Tuple[int, int, List[str
     """Print one line per case; return the targets passed, the targets checked and the failures."""
     headers = ["case", "ours ms"] + [f"{p} ms" for p in PEERS] + [f"{p}/ours" for p in PEERS] + ["target", "result"]
     rows, failures, passed, targeted = [], [], 0, 0
-    for case, timing, _ in results:
+    for case, timing, *_ in results:
         if timing is None:
             rows.append([case.name, "not run"] + [DASH] * (2 * len(PEERS)) + [DASH, "ERROR"])
             continue
@@ -926,8 +945,9 @@ def _print_section(title: str, lines: Sequence[str]) -> None:
 
 def _print_caveats(results: Sequence[CaseRun], repeats: int) -> None:
     """Print the peers not run, and the cases whose numbers are less certain (capped, cut short, noisy)."""
-    timed = [(case, timing) for case, timing, _ in results if timing is not None]
-    notes = [f"{case.name}: {peer} {DASH} {reason}" for case, _, reasons in results for peer, reason in reasons.items()]
+    timed = [(run.case, run.timing) for run in results if run.timing is not None]
+    notes = [f"{run.case.name}: {peer} {DASH} {reason}" for run in results for peer, reason in run.reasons.items()]
+    remarks = [f"{run.case.name}: {note}" for run in results for note in run.notes]
     noisy = [
         f"{case.name}: {name} {100 * s:.0f}%" for case, timing in timed for name, s in timing.spread.items()
         if s == s and s > 0.25
@@ -937,6 +957,7 @@ def _print_caveats(results: Sequence[CaseRun], repeats: int) -> None:
         if timing.rounds < timing.repeats
     ]
     capped = [f"{case.name}: {timing.repeats} rounds" for case, timing in timed if timing.repeats < repeats]
+    _print_section("Notes:", remarks)
     _print_section("Not run:", notes)
     _print_section("Slow peers, rounds capped by the case (fewer rounds: ratios less certain):", capped)
     _print_section("Stopped early by the time budget (--budget):", short)
