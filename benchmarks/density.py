@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import inspect
 import json
@@ -252,11 +253,14 @@ def _mean_log_prob(log_prob: Callable[[torch.Tensor], torch.Tensor], data: torch
 
 
 def train_peer(
-    model: nn.Module, train: torch.Tensor, validation: torch.Tensor, epochs: int, seed: int, patience: int = PATIENCE
+    model: nn.Module, train: torch.Tensor, validation: torch.Tensor, epochs: int, seed: int, patience: int = PATIENCE,
+    deadline: Optional[float] = None,
 ) -> tuple[int, int]:
     """Maximum likelihood on standardised data, exactly as ``fit`` trains ours:
     Adam, cosine schedule over all steps, clipping, early stopping, best weights.
-    Returns (epochs run, best epoch)."""
+    ``deadline`` (a ``time.perf_counter()`` value): stop after the step that
+    passes it, keeping the best weights, as ``fit`` does on Ctrl-C (see
+    :func:`time_limit`). Returns (epochs run, best epoch)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     steps_per_epoch = math.ceil(len(train) / BATCH_SIZE)
@@ -277,6 +281,10 @@ def train_peer(
             nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
             optimizer.step()
             scheduler.step()
+            if deadline is not None and time.perf_counter() > deadline:
+                model.load_state_dict(best_state)
+                model.eval()
+                return epoch + 1, best_epoch
         model.eval()
         value = _mean_log_prob(model.log_prob, validation, 4 * BATCH_SIZE)
         if value > best_value:
@@ -291,11 +299,46 @@ def train_peer(
     return epoch + 1, best_epoch
 
 
-def run_ours(flow: str, train, validation, test, epochs: int, seed: int, patience: int = PATIENCE) -> Result:
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raise ``KeyboardInterrupt`` in the main thread after ``seconds`` (``None``:
+    never): ``fit`` treats it as Ctrl-C in its epoch loop, stops and keeps its
+    best weights. One that arrives outside the loop (before the first epoch,
+    say) escapes ``fit``: it becomes a ``TimeoutError`` here."""
+    if seconds is None:
+        yield
+        return
+    fired = []
+
+    def interrupt(signum, frame):
+        fired.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not fired:
+            raise  # a real Ctrl-C
+        raise TimeoutError(f"the time limit of {seconds:.0f} s passed outside fit's epoch loop") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_ours(
+    flow: str, train, validation, test, epochs: int, seed: int, patience: int = PATIENCE,
+    seconds_limit: Optional[float] = None,
+) -> Result:
+    """``fit`` with its defaults but ``epochs`` and ``patience``; ``seconds_limit``
+    stops it there (:func:`time_limit`), keeping its best weights."""
     start = time.perf_counter()
-    model = fit(
-        train, flow=flow, validation_data=validation, epochs=epochs, patience=patience, seed=seed, progress=False
-    )
+    with warnings.catch_warnings(), time_limit(seconds_limit):
+        warnings.filterwarnings("ignore", message="fit interrupted", category=RuntimeWarning)
+        model = fit(
+            train, flow=flow, validation_data=validation, epochs=epochs, patience=patience, seed=seed, progress=False
+        )
     seconds = time.perf_counter() - start
     with torch.no_grad():
         nll = torch.cat([-model.log_prob(chunk) for chunk in test.split(4 * BATCH_SIZE)]).double()
@@ -305,8 +348,12 @@ def run_ours(flow: str, train, validation, test, epochs: int, seed: int, patienc
 
 def run_peer(
     peer: str, flow: str, train, validation, test, epochs: int, seed: int, target_parameters: int,
-    patience: int = PATIENCE,
+    patience: int = PATIENCE, build: Optional[Callable[[int], nn.Module]] = None,
+    seconds_limit: Optional[float] = None,
 ) -> Result:
+    """A peer trained by :func:`train_peer` on standardised data, scored in data
+    units. ``build(dim)``: the model, instead of ``PEER_BUILDERS[peer]``;
+    ``seconds_limit``: stop training there, keeping the best weights."""
     dim = train.shape[1]
     loc, scale = train.mean(0), train.std(0)
     log_det = scale.log().sum().item()  # x = loc + scale * z
@@ -315,9 +362,15 @@ def run_peer(
         return (x - loc) / scale
 
     torch.manual_seed(seed)
-    model = PEER_BUILDERS[peer](flow, dim, hidden_width(flow, dim), target_parameters)
+    if build is not None:
+        model = build(dim)
+    else:
+        model = PEER_BUILDERS[peer](flow, dim, hidden_width(flow, dim), target_parameters)
     start = time.perf_counter()
-    epochs_run, best_epoch = train_peer(model, standardise(train), standardise(validation), epochs, seed, patience)
+    deadline = None if seconds_limit is None else start + seconds_limit
+    epochs_run, best_epoch = train_peer(
+        model, standardise(train), standardise(validation), epochs, seed, patience, deadline
+    )
     seconds = time.perf_counter() - start
     with torch.no_grad():
         nll = (
