@@ -348,7 +348,8 @@ class PeriodicConv(ImageTransform, TransformModule):
     inverse an FFT, a :math:`C \times C` product per frequency and an inverse
     FFT, :math:`O(B C HW \log HW + B HW C^2)`; the log-determinant and the
     inverse also factor the :math:`HW/2` matrices :math:`\hat K_{uv}`,
-    :math:`O(HW C^3)` per call, whatever the batch. It is invertible where
+    :math:`O(HW C^3)` per call, whatever the batch (measured:
+    benchmarks/README.md#image-speed). It is invertible where
     no :math:`\hat K_{uv}` is singular; it starts with a random rotation at
     the centre tap and zeros elsewhere (:math:`|\det| = 1`).
 
