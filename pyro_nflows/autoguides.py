@@ -113,7 +113,14 @@ from torch.distributions.transforms import (
 
 from pyro_nflows.registry import build_flow, parse_spec
 from pyro_nflows.transforms.elementwise import ActNorm, ElementwiseAffine
-from pyro_nflows.transforms.linear import ConvexTriangularLinear, Householder, LULinear, QRLinear, TriangularLinear
+from pyro_nflows.transforms.linear import (
+    ConvexTriangularLinear,
+    Householder,
+    LULinear,
+    QRLinear,
+    TriangularLinear,
+    check_count_matrices,
+)
 from pyro_nflows.transforms.sylvester_flow import KINDS as SYLVESTER_KINDS
 from pyro_nflows.validation import check_bool, check_count, check_hidden_dims, check_positive
 
@@ -762,7 +769,7 @@ class AutoConvexTriangular(AutoFlow):
     diagonal one is any Cholesky factor). Median and quantiles are exact; the
     initial median is exactly the ``init_loc_fn`` point.
 
-    :param count_matrices: :math:`K` (>= 1).
+    :param count_matrices: :math:`K` (>= 2; one matrix is :class:`AutoFlow` with ``"triangular_linear"``).
 
     Example::
 
@@ -777,7 +784,7 @@ class AutoConvexTriangular(AutoFlow):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
     ):
-        check_count("count_matrices", count_matrices)
+        check_count_matrices(count_matrices)  # before the first call builds the flow
         flow = functools.partial(_registry_flow, "convex_triangular_linear", count_matrices, {})
         super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.count_matrices = count_matrices

@@ -494,6 +494,7 @@ def test_eight_schools_against_nuts():
         (lambda: AutoSylvester(mixed, kind="diagonal"), ValueError, "unknown Sylvester kind"),
         (lambda: AutoPlanar(mixed, num_transforms=0), ValueError, "num_transforms"),
         (lambda: AutoConvexTriangular(mixed, count_matrices=0), ValueError, "count_matrices"),
+        (lambda: AutoConvexTriangular(mixed, count_matrices=1), ValueError, "triangular_linear"),
     ],
 )
 def test_bad_arguments(make, error, match):

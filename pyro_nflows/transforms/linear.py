@@ -291,7 +291,8 @@ class ConditionedConvexTriangularLinear(ConditionedTriangularLinear):
         return (self.weights().unsqueeze(-1) * resolve(self.components)).sum(-2)
 
 
-def _check_count_matrices(count_matrices: int) -> int:
+def check_count_matrices(count_matrices: int) -> int:
+    """``count_matrices`` of a ccLinIAF, checked: an integer >= 2 (also used by ``AutoConvexTriangular``)."""
     if count_matrices == 1:
         raise ValueError(
             "count_matrices must be >= 2 for a convex combination (one matrix has no "
@@ -308,7 +309,7 @@ class ConvexTriangularLinear(ConditionedConvexTriangularLinear, TransformModule)
 
     def __init__(self, input_dim: int, count_matrices: int = 3, cache_size: int = 1):
         super().__init__(input_dim, cache_size=cache_size)
-        count_matrices = _check_count_matrices(count_matrices)
+        count_matrices = check_count_matrices(count_matrices)
         self.components = nn.Parameter(
             0.01 * torch.randn(count_matrices, count_off_diagonal(input_dim))
         )
@@ -327,7 +328,7 @@ class ConditionalConvexTriangularLinear(ConditionalFlow):
         count_matrices: int = 3,
         hidden_dims: Sequence[int] | None = None,
     ):
-        count_matrices = _check_count_matrices(count_matrices)
+        count_matrices = check_count_matrices(count_matrices)
         shapes = [(count_matrices, count_off_diagonal(input_dim)), (count_matrices,)]
         super().__init__(input_dim, context_dim, shapes, hidden_dims)
         self.count_matrices = count_matrices
