@@ -70,22 +70,30 @@ CONTEXT_BATCH_SHAPES = [
 ]
 
 
+def _draw(batch, event_shape, dtype, generator):
+    """Standard normal draws of shape ``batch + event_shape`` (an ``int`` event: a vector of that size)."""
+    event_shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
+    return torch.randn(*batch, *event_shape, dtype=dtype, generator=generator)
+
+
 def _points(shape, input_dim, dtype, generator):
-    return torch.randn(*shape, input_dim, dtype=dtype, generator=generator)
+    return _draw(shape, input_dim, dtype, generator)
 
 
 def _context(shape, context_dim, dtype, generator):
     return torch.randn(*shape, context_dim, dtype=dtype, generator=generator)
 
 
-def _cases(input_dim, context_dim, dtype, generator):
-    """Yield ``(x, context or None)`` pairs covering every batch-shape case."""
+def _cases(event_shape, context_dim, dtype, generator, batch_shapes=BATCH_SHAPES,
+           context_batch_shapes=CONTEXT_BATCH_SHAPES):
+    """Yield ``(x, context or None)`` pairs covering every batch-shape case (``event_shape``: the
+    input size of a vector flow, or the ``(C, H, W)`` of an image flow, with its own batch shapes)."""
     if context_dim is None:
-        for shape in BATCH_SHAPES:
-            yield _points(shape, input_dim, dtype, generator), None
+        for shape in batch_shapes:
+            yield _draw(shape, event_shape, dtype, generator), None
     else:
-        for x_shape, c_shape in CONTEXT_BATCH_SHAPES:
-            yield _points(x_shape, input_dim, dtype, generator), _context(c_shape, context_dim, dtype, generator)
+        for x_shape, c_shape in context_batch_shapes:
+            yield _draw(x_shape, event_shape, dtype, generator), _context(c_shape, context_dim, dtype, generator)
 
 
 def _plain(module, context) -> Transform:

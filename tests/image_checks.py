@@ -54,6 +54,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from checks import (
+    _cases,
     _check_cache,
     _check_conditioned_stays_fresh,
     _check_declaration,
@@ -61,6 +62,7 @@ from checks import (
     _check_state_dict,
     _check_traces,
     _context,
+    _draw,
     _is_conditional,
     _plain,
     check_gradients_and_training,
@@ -116,17 +118,7 @@ class ImageStack(ImageTransform, TransformModule):
 
 
 def _images(batch, shape, dtype, generator):
-    return torch.randn(*batch, *shape, dtype=dtype, generator=generator)
-
-
-def _cases(shape, context_dim, dtype, generator):
-    """Yield ``(x, context or None)`` pairs covering every batch-shape case."""
-    if context_dim is None:
-        for batch in IMAGE_BATCH_SHAPES:
-            yield _images(batch, shape, dtype, generator), None
-    else:
-        for batch, context_batch in IMAGE_CONTEXT_BATCH_SHAPES:
-            yield _images(batch, shape, dtype, generator), _context(context_batch, context_dim, dtype, generator)
+    return _draw(batch, shape, dtype, generator)
 
 
 def check_image_transform(
@@ -200,7 +192,8 @@ def _check_round_trips(module, shape, out_shape, context_dim, atol32, atol64, ge
     module64 = copy.deepcopy(module).double()
     for dtype, atol in [(torch.float32, atol32), (torch.float64, atol64)]:
         typed = copy.deepcopy(module).to(dtype)
-        for x, context in _cases(shape, context_dim, dtype, generator):
+        for x, context in _cases(shape, context_dim, dtype, generator, IMAGE_BATCH_SHAPES,
+                                 IMAGE_CONTEXT_BATCH_SHAPES):
             transform = _plain(typed, context)
             y = transform._call(x)
             assert y.shape == x.shape[:-3] + out_shape and y.dtype == dtype, (y.shape, x.shape, y.dtype)
