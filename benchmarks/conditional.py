@@ -61,7 +61,6 @@ The table is a report, not a test: the exit status is 0 unless a run errors.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -79,7 +78,7 @@ if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import library_versions  # noqa: E402
+from benchmarks.common import FinishedRows, library_versions  # noqa: E402
 from benchmarks.density import (  # noqa: E402
     BATCH_SIZE,
     COUNT_BINS,
@@ -400,27 +399,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"n={n} (80/10/10)  epochs<={epochs} (patience {args.patience})  batch {BATCH_SIZE}  seeds "
           f"{' '.join(map(str, args.seeds))}  {args.threads} thread(s)  load {load:.2f} on {os.cpu_count()} cores  "
           f"{platform.python_implementation()} {platform.python_version()}\n", flush=True)
-    done = {}
-    if args.out and os.path.exists(args.out):
-        with open(args.out) as handle:
-            for line in handle:
-                entry = json.loads(line) if line.strip() else None
-                if entry and entry["settings"] == settings:
-                    done[(entry["row"]["task"], entry["row"]["flow"], entry["row"]["seed"])] = entry["row"]
+    done = FinishedRows(args.out, settings, key=lambda row: (row["task"], row["flow"], row["seed"]))
     start = time.perf_counter()
     keys = [(task, flow, seed) for task in args.tasks for flow in args.flows for seed in args.seeds]
     for key in keys:
         if key in done or args.report:
             continue
         print(f"  {key[0]} {key[1]} seed {key[2]} ...", file=sys.stderr, flush=True)
-        done[key] = run_row(*key, n, epochs, args.patience, args.peers)
-        row = done[key]
+        row = run_row(*key, n, epochs, args.patience, args.peers)
+        done.add(row)
         print("  " + ", ".join(f"{name} KL {sum(r['kl']) / len(r['kl']):.3f} ({r['seconds']:.0f} s)"
                                for name, r in row["results"].items()), file=sys.stderr, flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps({"settings": settings, "row": row}) + "\n")
-    rows = [done[key] for key in keys if key in done]
+    rows = [done.get(key) for key in keys if key in done]
     text, passed, total = table(rows, args.peers)
     print(text)
     print("\nKL: mean over test pairs of log p(x | c) - log q(x | c), nats (0 is perfect), mean over seeds; "

@@ -42,6 +42,7 @@ The table is a report, not a test: the exit status is 0 unless a run errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
 import platform
@@ -58,7 +59,7 @@ if os.path.isdir(os.path.join(_ROOT, "pyro_nflows")) and _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import library_versions  # noqa: E402
+from benchmarks.common import FinishedRows, library_versions  # noqa: E402
 from pyro_nflows import datasets  # noqa: E402
 from pyro_nflows.cli import VAE_DEFAULTS  # noqa: E402
 from pyro_nflows.vae import VAE, estimate_nll, train_vae  # noqa: E402
@@ -75,6 +76,19 @@ POSTERIORS = [
 ]
 QUICK_POSTERIORS = ["gaussian", "householder:10", "iaf:2", "planar:8"]
 SPLIT_SEED = 0
+# The data sets: a description and the binarised rows (cut by split with SPLIT_SEED).
+DATASETS = {
+    "digits": ("binarised digits, 8 x 8", datasets.binarized_digits),
+    "mnist5k": (
+        "MNIST-5k, 28 x 28, binarised stochastically once (seed 0)",
+        lambda: datasets.mnist_5k(binarize="stochastic", seed=SPLIT_SEED),
+    ),
+}
+MNIST_5K_Z_DIM = 40  # the Householder-flow and ccLinIAF papers' latent size on MNIST
+# MNIST-5k's budget: 4,000 training images overfit sooner than the digits' 300 epochs, at 5x the cost an epoch.
+MNIST_5K_BUDGET = {"epochs": 150, "warmup_epochs": 30, "patience": 20}
+# What a finished run depends on: runs kept in --out are reused only when all of these match.
+SETTINGS = ("dataset", "z_dim", "hidden_dims", "epochs", "warmup_epochs", "patience", "num_samples")
 BATCH_SIZE = 100
 LR = 1e-3
 
@@ -158,42 +172,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
     defaults = VAE_DEFAULTS
     parser.add_argument(
-        "--epochs", type=int, default=None, help=f"maximum epochs (default {defaults['epochs']}; --quick 50)"
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"maximum epochs (default {defaults['epochs']}, mnist5k {MNIST_5K_BUDGET['epochs']}; --quick 50)",
     )
     parser.add_argument(
         "--warmup-epochs",
         type=int,
         default=None,
-        help=f"KL warm-up epochs (default {defaults['warmup_epochs']}; --quick 10)",
+        help=f"KL warm-up epochs (default {defaults['warmup_epochs']}, mnist5k "
+        f"{MNIST_5K_BUDGET['warmup_epochs']}; --quick 10)",
     )
     parser.add_argument(
         "--patience",
         type=int,
         default=None,
-        help=f"early-stopping patience (default {defaults['patience']}; --quick 10)",
+        help=f"early-stopping patience (default {defaults['patience']}, mnist5k {MNIST_5K_BUDGET['patience']}; "
+        "--quick 10)",
     )
-    parser.add_argument("--z-dim", type=int, default=defaults["z_dim"])
+    parser.add_argument(
+        "--z-dim", type=int, default=None, help=f"latent size (default {defaults['z_dim']}; mnist5k {MNIST_5K_Z_DIM})"
+    )
     hidden_dims = inspect.signature(VAE).parameters["hidden_dims"].default
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=list(hidden_dims))
     parser.add_argument(
         "--num-samples", type=int, default=None, help="importance samples for the NLL (default 5000; --quick 1000)"
     )
+    parser.add_argument(
+        "--dataset", choices=sorted(DATASETS), default="digits",
+        help="digits: the 8 x 8 digits; mnist5k: MNIST-5k, 28 x 28 (default: digits)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--out", default=None, help="JSON-lines file of finished runs; a rerun reuses them")
+    parser.add_argument("--report", action="store_true", help="run nothing: the table of the runs in --out")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 posteriors, 1 seed, 50 epochs, 1000 samples")
     args = parser.parse_args(argv)
     quick = args.quick
+    budget = MNIST_5K_BUDGET if args.dataset == "mnist5k" else defaults
     args.posteriors = args.posteriors or (QUICK_POSTERIORS if quick else POSTERIORS)
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    args.epochs = args.epochs or (50 if quick else defaults["epochs"])
+    args.epochs = args.epochs or (50 if quick else budget["epochs"])
     args.warmup_epochs = (
-        args.warmup_epochs if args.warmup_epochs is not None else (10 if quick else defaults["warmup_epochs"])
+        args.warmup_epochs if args.warmup_epochs is not None else (10 if quick else budget["warmup_epochs"])
     )
-    args.patience = args.patience or (10 if quick else defaults["patience"])
+    args.patience = args.patience or (10 if quick else budget["patience"])
     args.num_samples = args.num_samples or (1000 if quick else 5000)
+    args.z_dim = args.z_dim or (MNIST_5K_Z_DIM if args.dataset == "mnist5k" else defaults["z_dim"])
     torch.set_num_threads(args.threads)
 
-    data = datasets.split(datasets.binarized_digits(), (0.8, 0.1, 0.1), seed=SPLIT_SEED)
-    print(f"pyro_nflows VAE posteriors on binarised digits ({library_versions({'pyro': 'pyro-ppl'})})")
+    description, load_data = DATASETS[args.dataset]
+    data = datasets.split(load_data(), (0.8, 0.1, 0.1), seed=SPLIT_SEED)
+    print(f"pyro_nflows VAE posteriors on {description} ({library_versions({'pyro': 'pyro-ppl'})})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"train/validation/test {len(data[0])}/{len(data[1])}/{len(data[2])}  z_dim {args.z_dim}  "
@@ -203,22 +233,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"load {load:.2f} on {os.cpu_count()} cores  {platform.python_implementation()} {platform.python_version()}\n",
         flush=True,
     )
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    done = FinishedRows(args.out, settings, key=lambda row: (row["posterior"], row["seed"]))
     start = time.perf_counter()
     rows = [Row(posterior) for posterior in args.posteriors]
     errors = []
     for seed in args.seeds:  # seed by seed: a run cut short still has complete comparisons
         for row in rows:
-            try:
-                run = run_one(row.posterior, seed, data, args)
-            except Exception as error:  # report it, run the others
-                errors.append(f"{row.posterior} seed {seed}: {type(error).__name__}: {error}")
-                continue
-            row.runs[seed] = run
-            print(
-                f"  seed {seed} {row.posterior:<52} NLL {run.nll:7.3f}  ELBO {run.elbo:8.3f}  "
-                f"{run.epochs} epochs (best {run.best_epoch})  {run.seconds:.0f} s",
-                file=sys.stderr, flush=True,
-            )
+            if (row.posterior, seed) not in done and not args.report:
+                try:
+                    run = run_one(row.posterior, seed, data, args)
+                except Exception as error:  # report it, run the others
+                    errors.append(f"{row.posterior} seed {seed}: {type(error).__name__}: {error}")
+                    continue
+                done.add({"posterior": row.posterior, "seed": seed, **dataclasses.asdict(run)})
+                print(
+                    f"  seed {seed} {row.posterior:<52} NLL {run.nll:7.3f}  ELBO {run.elbo:8.3f}  "
+                    f"{run.epochs} epochs (best {run.best_epoch})  {run.seconds:.0f} s",
+                    file=sys.stderr, flush=True,
+                )
+            finished = done.get((row.posterior, seed))
+            if finished is not None:
+                row.runs[seed] = Run(**{name: finished[name] for name in Run.__dataclass_fields__})
     print(table(rows))
     print(f"\n{verdict(rows)}")
     print(f"wall time {time.perf_counter() - start:.0f} s")
