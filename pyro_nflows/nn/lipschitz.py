@@ -43,7 +43,7 @@ the same :math:`\hat W`. At each refresh:
 Construction starts from the exact vectors too.
 
 **LipSwish** (Chen et al. [2]): :math:`\phi(z) = z\, \operatorname{sigmoid}(\beta z) / 1.1`
-with :math:`\beta = \operatorname{softplus}(\beta') > 0` learnable, one per unit. Its
+with :math:`\beta = \max(\operatorname{softplus}(\beta'), 10^{-3})` learnable, one per unit. Its
 derivative :math:`(s + \beta z\, s(1 - s)) / 1.1`, :math:`s = \operatorname{sigmoid}(\beta z)`,
 lies in :math:`(-0.1, 1)` for every :math:`\beta` (:math:`\max_t \frac{d}{dt} t\,
 \operatorname{sigmoid}(t) = 1.0998\ldots < 1.1`), so :math:`\phi` is 1-Lipschitz. Unlike
@@ -51,9 +51,18 @@ ReLU's, its derivative is smooth (the log-determinant's gradient differentiates 
 :math:`\tanh`'s, it does not vanish for large inputs, so a layer can keep its Jacobian
 near the bound.
 
-Cost: one pass of :math:`g` is one ordinary MLP pass (the normalised weights are computed
-once per call, :meth:`LipschitzMLP.function`); a weight update adds one SVD per layer, or
-``n_power_iterations`` matrix-vector product pairs for a large matrix in training.
+:math:`\beta` is kept at least ``1e-3`` (``BETA_FLOOR``; there :math:`\phi` is already
+linear to one part in :math:`10^5` on :math:`|z| < 10`), so that it can be folded into the
+weights: with :math:`D_k = \operatorname{diag}(\beta_k)`,
+:math:`\phi(z) = \operatorname{silu}(D_k z) D_k^{-1} / 1.1`, so the layer
+:math:`D_k \hat W_k h + D_k b_k` feeds one fused ``silu`` whose :math:`D_k^{-1} / 1.1` is
+folded into the columns of :math:`\hat W_{k+1}` (:meth:`LipschitzMLP.function`). The
+function is the same; each hidden layer costs one activation kernel, forward and backward,
+instead of four.
+
+Cost: one pass of :math:`g` is one ordinary MLP pass (the normalised, folded weights are
+computed once per call, :meth:`LipschitzMLP.function`); a weight update adds one SVD per
+layer, or ``n_power_iterations`` matrix-vector product pairs for a large matrix in training.
 
 References:
 
@@ -82,6 +91,8 @@ __all__ = ["InducedSpectralNorm", "LipSwish", "LipschitzFunction", "LipschitzLin
 
 # max_t d/dt [t sigmoid(t)] = 1.0998 (at t = 2.3994): dividing by 1.1 makes LipSwish 1-Lipschitz.
 LIPSWISH_DIVISOR = 1.1
+# The least beta of LipSwish: 1 / beta is folded into the next layer's weights (see above).
+BETA_FLOOR = 1e-3
 # Matrices whose smaller side is at most this get exact singular vectors in training too.
 EXACT_SIZE = 128
 
@@ -281,8 +292,8 @@ def lipswish_derivative(z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 class LipSwish(nn.Module):
     r"""The LipSwish activation of Residual Flows [2], :math:`z\, \operatorname{sigmoid}(\beta z) / 1.1`,
-    with :math:`\beta = \operatorname{softplus}(\beta') > 0` learnable (one per unit,
-    initialised to 1: Swish, scaled), 1-Lipschitz for every :math:`\beta`.
+    with :math:`\beta = \max(\operatorname{softplus}(\beta'), 10^{-3})` learnable (one per
+    unit, initialised to 1: Swish, scaled), 1-Lipschitz for every :math:`\beta`.
 
     :param size: the number of units (one :math:`\beta` each; 1 shares one).
     """
@@ -293,7 +304,7 @@ class LipSwish(nn.Module):
 
     @property
     def beta(self) -> torch.Tensor:
-        return F.softplus(self.raw_beta)
+        return F.softplus(self.raw_beta).clamp_min(BETA_FLOOR)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return lipswish(z, self.beta)
@@ -301,13 +312,14 @@ class LipSwish(nn.Module):
 
 class LipschitzFunction:
     r"""One evaluation's worth of a :class:`LipschitzMLP`: :math:`g(x, s)` as a pure
-    function of ``x`` and the context shift ``s``, with the normalised weights, biases
-    and :math:`\beta` s computed once (so that ``torch.func`` transforms and fixed-point
-    iterations do not recompute them). Made by :meth:`LipschitzMLP.function`.
+    function of ``x`` and the context shift ``s`` (from :meth:`LipschitzMLP.shift`), with
+    the normalised weights computed, and the LipSwish slopes folded into them, once (so
+    that ``torch.func`` transforms and fixed-point iterations do not recompute them): each
+    hidden layer is a linear map and one ``silu``. Made by :meth:`LipschitzMLP.function`.
     """
 
-    def __init__(self, weights, biases, betas, shift_sizes):
-        self.weights, self.biases, self.betas, self.shift_sizes = weights, biases, betas, shift_sizes
+    def __init__(self, weights, biases, shift_sizes):
+        self.weights, self.biases, self.shift_sizes = weights, biases, shift_sizes
 
     def _shifts(self, shift):
         if shift is None:
@@ -315,31 +327,32 @@ class LipschitzFunction:
         return shift.split(self.shift_sizes, dim=-1)
 
     def __call__(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        h = x
+        h, last = x, len(self.weights) - 1
         for k, (weight, bias, layer_shift) in enumerate(zip(self.weights, self.biases, self._shifts(shift))):
             h = F.linear(h, weight, bias)
             if layer_shift is not None:
                 h = h + layer_shift
-            if k < len(self.betas):
-                h = lipswish(h, self.betas[k])
+            if k < last:
+                h = F.silu(h)
         return h
 
     def value_and_jacobian(
         self, x: torch.Tensor, shift: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`g(x)` and :math:`\partial g / \partial x` (shape ``x.shape + (D,)``), in one
-        forward pass carrying the Jacobian (:math:`J \leftarrow \hat W_k J`, then
-        :math:`J \leftarrow \operatorname{diag}(\phi') J`): traceable by ``torch.jit.trace``,
-        which cannot trace ``torch.func`` transforms."""
-        h, jacobian = x, None
+        forward pass carrying the Jacobian (:math:`J \leftarrow W_k J`, then
+        :math:`J \leftarrow \operatorname{diag}(\operatorname{silu}') J`, with the folded
+        weights): traceable by ``torch.jit.trace``, which cannot trace ``torch.func`` transforms."""
+        h, jacobian, last = x, None, len(self.weights) - 1
         for k, (weight, bias, layer_shift) in enumerate(zip(self.weights, self.biases, self._shifts(shift))):
             pre = F.linear(h, weight, bias)
             if layer_shift is not None:
                 pre = pre + layer_shift
             jacobian = weight.expand(pre.shape[:-1] + weight.shape) if jacobian is None else weight @ jacobian
-            if k < len(self.betas):
-                jacobian = lipswish_derivative(pre, self.betas[k]).unsqueeze(-1) * jacobian
-                h = lipswish(pre, self.betas[k])
+            if k < last:
+                s = torch.sigmoid(pre)
+                jacobian = (s * (1 + pre * (1 - s))).unsqueeze(-1) * jacobian
+                h = pre * s
             else:
                 h = pre
         return h, jacobian
@@ -348,8 +361,7 @@ class LipschitzFunction:
         """The same function with every tensor detached (for computations that differentiate
         only in ``x``)."""
         return LipschitzFunction(
-            [w.detach() for w in self.weights], [b.detach() for b in self.biases],
-            [beta.detach() for beta in self.betas], self.shift_sizes,
+            [w.detach() for w in self.weights], [b.detach() for b in self.biases], self.shift_sizes
         )
 
 
@@ -416,24 +428,38 @@ class LipschitzMLP(nn.Module):
         """The version counters of the power-iteration vectors (they change with the weights)."""
         return tuple(b._version for layer in self.layers for b in (layer.normalization.u, layer.normalization.v))
 
+    def _slopes(self) -> list[torch.Tensor]:
+        """Each layer's output scale in :meth:`function`'s folded form: the next activation's
+        :math:`\beta` for a hidden layer, 1 for the output layer."""
+        betas = [activation.beta for activation in self.activations]
+        return betas + [self.layers[-1].bias.new_ones(self.output_dim)]
+
     def function(self) -> LipschitzFunction:
-        """:math:`g` with the current normalised weights, as a pure function of ``(x, shift)``."""
-        return LipschitzFunction(
-            [layer.weight for layer in self.layers],
-            [layer.bias for layer in self.layers],
-            [activation.beta for activation in self.activations],
-            self._shift_sizes,
-        )
+        r""":math:`g` with the current normalised weights, as a pure function of ``(x, shift)``:
+        layer :math:`k` is :math:`\operatorname{diag}(\beta_k) \hat W_k
+        \operatorname{diag}(1 / (1.1 \beta_{k-1}))` and :math:`\beta_k b_k` (the module
+        docstring's folding)."""
+        slopes, weights, biases = self._slopes(), [], []
+        for k, layer in enumerate(self.layers):
+            weight = layer.weight
+            if k > 0:
+                weight = weight / (LIPSWISH_DIVISOR * slopes[k - 1])
+            weights.append(slopes[k].unsqueeze(-1) * weight)
+            biases.append(slopes[k] * layer.bias)
+        return LipschitzFunction(weights, biases, self._shift_sizes)
 
     def shift(self, context: torch.Tensor | None) -> torch.Tensor | None:
-        """The context's shifts of every layer, concatenated (``None`` without a context)."""
+        """The context's shifts of every layer's pre-activations, concatenated, in
+        :meth:`function`'s folded form (each hidden layer's times its :math:`\beta`;
+        ``None`` without a context)."""
         if context is None:
             if self.context_shift is not None:
                 raise ValueError(f"this LipschitzMLP reads a context of width {self.context_dim}; pass one")
             return None
         if self.context_shift is None:
             raise ValueError("this LipschitzMLP has no context_dim; it takes no context")
-        return self.context_shift(context)
+        scale = torch.cat(self._slopes())
+        return F.linear(context, scale.unsqueeze(-1) * self.context_shift.weight, scale * self.context_shift.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.function()(x, self.shift(context))
