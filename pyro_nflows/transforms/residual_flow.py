@@ -292,10 +292,11 @@ class ConditionedResidual(FlowTransform):
         shift_rows = None if shift is None else shift.detach().reshape(-1, shift.shape[-1])
         with torch.no_grad():
 
-            def step(x, index):
-                return rows[index] - g(x, None if shift_rows is None else shift_rows[index])
+            def step(x, index, target, *shift):
+                return target - g(x, *shift)
 
-            x_star, self.last_inverse_iterations = self._solve(step, rows, 1 + rows.norm(dim=-1), who)
+            aligned = (rows,) if shift_rows is None else (rows, shift_rows)
+            x_star, self.last_inverse_iterations = self._solve(step, rows, 1 + rows.norm(dim=-1), who, aligned)
         x_star = x_star.reshape(y.shape)
         x = y - g(x_star, shift)  # one more step, with autograd on
         if x.requires_grad:
@@ -321,47 +322,62 @@ class ConditionedResidual(FlowTransform):
                 z = x_star.detach().reshape(-1, self.input_dim).requires_grad_()
                 gz = g(z, shift_rows)
 
-            def step(w, index):
-                cotangent = torch.zeros_like(v_rows).index_copy_(0, index, w)
+            def step(w, index, target):
+                cotangent = w if index is None else torch.zeros_like(v_rows).index_copy_(0, index, w)
                 (product,) = torch.autograd.grad(gz, z, cotangent, retain_graph=True)
-                return v_rows[index] - product[index]
+                return target - (product if index is None else product[index])
 
-            w, _ = self._solve(step, v_rows, v_rows.norm(dim=-1), f"{who} (its gradient)")
+            w, _ = self._solve(step, v_rows, v_rows.norm(dim=-1), f"{who} (its gradient)", (v_rows,))
             return w.reshape(v.shape)
 
         return hook
 
     def _solve(
         self,
-        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        step: Callable[..., torch.Tensor],
         start: torch.Tensor,
         scale: torch.Tensor,
         who: str,
+        aligned: tuple[torch.Tensor, ...] = (),
     ) -> tuple[torch.Tensor, int]:
-        r"""Iterate :math:`z \leftarrow T(z)` (``step(z[index], index)``) on each row of
-        ``start`` until :math:`\frac{q}{1-q}|T(z) - z| \le` tolerance :math:`\cdot` ``scale``,
-        rows that have stopped dropping out; returns the rows and the count of steps."""
+        r"""Iterate :math:`z \leftarrow T(z)` on each row of ``start`` until
+        :math:`\frac{q}{1-q}|T(z) - z| \le` tolerance :math:`\cdot` ``scale``; returns the
+        rows and the count of steps.
+
+        ``step(z, index, *aligned)`` computes :math:`T` on the rows still iterated: ``index``
+        is ``None`` while that is every row, else their indices in ``start``; ``aligned``
+        (tensors with one row per row of ``start``) arrive cut to those rows. The rows that
+        have stopped drop out once they are a quarter of those iterated (until then they
+        take further steps, which only shrink their error), so that most steps run on whole
+        tensors instead of gathering and scattering rows."""
         q = self.contraction
         step_size = _default_step(start.dtype) if self.tolerance is None else self.tolerance * (1 - q) / q
-        limit = step_size * scale
-        z = start.clone()
-        index = torch.arange(len(z), device=z.device)
+        z, limit, index = start.clone(), step_size * scale, None
+        current = z
         budget, iterations = self.max_iterations, 0
-        residual = limit.new_zeros(0)
-        while index.numel():
-            if budget is not None and iterations >= budget:
-                self._not_converged(who, iterations, residual, limit[index], len(z), q)
-            new = step(z[index], index)
-            residual = (new - z[index]).norm(dim=-1)
+        while True:
+            new = step(current, index, *aligned)
+            residual = (new - current).norm(dim=-1)
             if iterations == 0:
                 _check_first_step(residual, who)
                 if budget is None:
                     budget = _iteration_budget(residual, limit, q)
-            z.index_copy_(0, index, new)
-            going = ~(residual <= limit[index])  # a NaN keeps going, into the budget's error
-            index, residual = index[going], residual[going]
-            iterations += 1
-        return z, iterations
+            current, iterations = new, iterations + 1
+            going = ~(residual <= limit)  # a NaN keeps going, into the budget's error
+            still = int(going.sum())
+            if still and iterations >= budget:
+                self._not_converged(who, iterations, residual[going], limit[going], len(z), q)
+            if 4 * (len(current) - still) < len(current) and still:
+                continue
+            if index is None:
+                z = current
+            else:
+                z.index_copy_(0, index, current)
+            if not still:
+                return z, iterations
+            keep = going.nonzero().squeeze(-1)
+            index = keep if index is None else index[keep]
+            current, limit, aligned = current[keep], limit[keep], tuple(a[keep] for a in aligned)
 
     def _not_converged(self, who, iterations, residual, limit, count, q) -> None:
         worst = int(torch.argmax(residual / limit))
