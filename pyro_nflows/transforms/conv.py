@@ -406,19 +406,29 @@ class PeriodicConv(ImageTransform, TransformModule):
         flat, _ = flatten_batch(x)
         return F.conv2d(F.pad(flat, (radius,) * 4, mode="circular"), self.weight).reshape(x.shape)
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def _inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One LU per frequency serves both: the solve for the batch's columns (cheaper than
+        # forming the inverses) and the log-determinants, the logs of the factors' diagonals.
         flat, _ = flatten_batch(y)
-        # One LU per frequency and a solve for the batch's columns: cheaper than forming the inverses.
-        solution = torch.linalg.solve(self.spectrum(*y.shape[-2:]), self._to_frequencies(flat))
-        return self._to_images(solution, y.shape)
+        factors, pivots = torch.linalg.lu_factor(self.spectrum(*y.shape[-2:]))
+        x = self._to_images(torch.linalg.lu_solve(factors, pivots, self._to_frequencies(flat)), y.shape)
+        log_dets = factors.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)  # (H, W // 2 + 1)
+        return x, self._total_log_det(log_dets, y)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        log_dets = torch.linalg.slogdet(self.spectrum(height, width)).logabsdet  # (H, W // 2 + 1)
+        handed_over = self._take_log_det(x, y)  # the inverse that made x computed it
+        if handed_over is not None:
+            return handed_over
+        return self._total_log_det(torch.linalg.slogdet(self.spectrum(*x.shape[-2:])).logabsdet, x)
+
+    @staticmethod
+    def _total_log_det(log_dets: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The sum of the per-frequency ``log_dets`` ``(H, W // 2 + 1)`` over the full
+        spectrum, as the log-determinant of each of ``x``'s images."""
         # The columns 0 (and W / 2 for an even W) are their own conjugates; the others stand for two.
         counts = torch.full((log_dets.shape[-1],), 2.0, dtype=log_dets.dtype, device=log_dets.device)
         counts[0] = 1.0
-        if width % 2 == 0:
+        if x.shape[-1] % 2 == 0:
             counts[-1] = 1.0
         return _constant_log_det((log_dets * counts).sum(), x)
 
