@@ -1,5 +1,5 @@
-r"""Image density estimation: test bits/dim on scikit-learn's 8 x 8 digits, the four
-invertible convolutions of ``pyro_nflows.images.fit_images`` against normflows' Glow.
+r"""Image density estimation: test bits/dim on scikit-learn's 8 x 8 digits (or MNIST-5k), the
+four invertible convolutions of ``pyro_nflows.images.fit_images`` against normflows' Glow.
 
 Run from the repository root::
 
@@ -7,11 +7,14 @@ Run from the repository root::
     python benchmarks/images.py --seeds 0 1 2 --jobs 2 --out images.jsonl   # three seeds, resumable
     python benchmarks/images.py --quick            # smoke run: 2 epochs of small models (~1 min)
     python benchmarks/images.py --rows lu periodic --epochs 20 --hidden-channels 16
+    python benchmarks/images.py --dataset mnist5k --rows lu emerging normflows --epochs 10 --jobs 2
 
 **What is compared.** Every row is Glow (Kingma & Dhariwal 2018) with
 ``--levels`` levels of ``--steps`` steps (actnorm, an invertible
 convolution, an affine coupling with a conv net; half the channels factored
-out per level) on the digits as ``(1, 8, 8)`` images of 17 values:
+out per level) on the digits as ``(1, 8, 8)`` images of 17 values, or with
+``--dataset mnist5k`` on ``datasets.mnist_5k(images=True)``, ``(1, 28, 28)``
+images of 256 values (4,000 / 500 / 500 after the split):
 
 - ``lu``, ``qr``, ``emerging``, ``periodic``: ours,
   ``fit_images(train, levels, steps, conv, num_bits=log2(17),
@@ -41,10 +44,11 @@ It sees the images through our :class:`~pyro_nflows.images.PixelMap` (the
 logit of ``0.05 + 0.9 x / 17``, its log-determinant added back), so that
 every row models the same variable and only the flows differ.
 
-**The score.** Test bits per dimension of the 180 test images (lower is
-better): ``bits_per_dim(model, test)``, one draw of uniform noise per image
-from a generator seeded 0 (the same draw for every row), the bound
-``-log p(k + u) / (64 ln 2)``. With ``--seeds``, each row's mean and the
+**The score.** Test bits per dimension of the test images (180 digits, 500
+MNIST-5k images; lower is better): ``bits_per_dim(model, test)``, one draw
+of uniform noise per image from a generator seeded 0 (the same draw for
+every row), the bound ``-log p(k + u) / (D ln 2)``, ``D`` the pixels of an
+image. With ``--seeds``, each row's mean and the
 standard error over seeds, and ``row - normflows`` paired by seed, with the
 seeds the row wins. Seconds are wall time and inflated by whatever shares the
 machine.
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -64,6 +69,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 # Benchmark the checkout this file lives in, installed or not.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +87,23 @@ from pyro_nflows.training import EpochLoop, check_loss, gradient_step  # noqa: E
 CONVS = {"lu": "conv1x1_lu", "qr": "conv1x1_qr", "emerging": "emerging", "periodic": "periodic"}
 ROWS = [*CONVS, "normflows"]
 PEER = "normflows"
-SHAPE = (1, 8, 8)
-NUM_BITS = datasets.DIGITS_BITS
+
+
+@dataclass(frozen=True)
+class Images:
+    """A data set of the benchmark: its images' shape, their bits per pixel and how to load them."""
+
+    description: str
+    shape: tuple[int, int, int]
+    num_bits: float
+    load: Callable[[], torch.Tensor]
+
+
+DATASETS = {
+    "digits": Images("digits as 1 x 8 x 8 images, 17 values", (1, 8, 8), datasets.DIGITS_BITS, datasets.digits_images),
+    "mnist5k": Images("MNIST-5k as 1 x 28 x 28 images, 256 values", (1, 28, 28), 8.0,
+                      lambda: datasets.mnist_5k(images=True)),
+}
 LR, BATCH_SIZE, CLIP_NORM, PATIENCE = 1e-3, 64, 5.0, 30  # fit_images' defaults
 SPLIT_SEED, VALIDATION_NOISE_SEED, TEST_NOISE_SEED = 0, 0, 0
 
@@ -103,24 +124,24 @@ def count_parameters(module: nn.Module) -> int:
 class PeerDensity(nn.Module):
     """normflows' multi-scale Glow as a density on pixel values: ``log_prob(x)`` of dequantised images."""
 
-    def __init__(self, flow: nn.Module):
+    def __init__(self, flow: nn.Module, num_bits: float):
         super().__init__()
         self.flow = flow
-        self.pixels = PixelMap(round(2**NUM_BITS))
+        self.pixels = PixelMap(round(2**num_bits))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pixels.inv(x)
         return self.flow.log_prob(y, None) - self.pixels.log_abs_det_jacobian(y, x)
 
 
-def build_normflows(levels: int, steps: int, hidden_channels: int) -> PeerDensity:
+def build_normflows(data: Images, levels: int, steps: int, hidden_channels: int) -> PeerDensity:
     """normflows' Glow as its example assembles it (levels from the coarsest, each ``steps`` GlowBlocks
     and a Squeeze; a Merge between levels; Glow's learned base per level)."""
     try:
         import normflows as nf
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise Unavailable(f"normflows not installed ({error}); pip install normflows") from None
-    channels, height, width = SHAPE
+    channels, height, width = data.shape
     bases, flows, merges = [], [], []
     for level in range(levels):
         blocks = [nf.flows.GlowBlock(channels * 2 ** (levels + 1 - level), hidden_channels, split_mode="channel",
@@ -133,17 +154,19 @@ def build_normflows(levels: int, steps: int, hidden_channels: int) -> PeerDensit
         else:
             latent = (channels * 2 ** (levels + 1), height // 2**levels, width // 2**levels)
         bases.append(nf.distributions.GlowBase(latent))
-    return PeerDensity(nf.MultiscaleFlow(bases, flows, merges, class_cond=False))
+    return PeerDensity(nf.MultiscaleFlow(bases, flows, merges, class_cond=False), data.num_bits)
 
 
-def build_ours(conv: str, levels: int, steps: int, hidden_channels: int) -> ImageDensityModel:
-    return ImageDensityModel(*SHAPE, levels, steps, CONVS[conv], hidden_channels=hidden_channels, num_bits=NUM_BITS)
+def build_ours(data: Images, conv: str, levels: int, steps: int, hidden_channels: int) -> ImageDensityModel:
+    return ImageDensityModel(*data.shape, levels, steps, CONVS[conv], hidden_channels=hidden_channels,
+                             num_bits=data.num_bits)
 
 
-def matched_width(row: str, levels: int, steps: int, target: int) -> int:
+def matched_width(data: Images, row: str, levels: int, steps: int, target: int) -> int:
     """The hidden width of ``row`` whose parameter count is closest to ``target``."""
     def count(width: int) -> int:
-        model = build_normflows(levels, steps, width) if row == PEER else build_ours(row, levels, steps, width)
+        build = build_normflows if row == PEER else functools.partial(build_ours, conv=row)
+        model = build(data, levels=levels, steps=steps, hidden_channels=width)
         return count_parameters(model)
 
     low, high = 2, 512
@@ -171,7 +194,7 @@ def train_peer(model: PeerDensity, train: torch.Tensor, validation: torch.Tensor
     validation_noise = torch.rand(validation.shape, generator=torch.Generator().manual_seed(VALIDATION_NOISE_SEED))
     chosen = torch.randperm(len(train), generator=generator)[: 4 * BATCH_SIZE]
     with torch.no_grad():  # the actnorm layers' data-dependent start
-        model.log_prob(train[chosen] + torch.rand((len(chosen), *SHAPE), generator=generator))
+        model.log_prob(train[chosen] + torch.rand(train[chosen].shape, generator=generator))
     batches = math.ceil(len(train) / BATCH_SIZE)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
@@ -198,7 +221,7 @@ def peer_bits_per_dim(model: PeerDensity, test: torch.Tensor) -> float:
     with torch.no_grad():
         total = sum(model.log_prob(chunk + torch.rand((1, *chunk.shape), generator=generator)[0]).double().sum().item()
                     for chunk in test.split(256))
-    return -total / (len(test) * math.prod(SHAPE) * math.log(2))
+    return -total / (test.numel() * math.log(2))
 
 
 # ---------------------------------------------------------------------------
@@ -223,16 +246,17 @@ class Result:
 def run_row(row: str, seed: int, settings: dict, hidden_channels: int, threads: int) -> Result:
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*torch.lu is deprecated")  # normflows' LU, every step
-    train, validation, test = datasets.split(datasets.digits_images(), (0.8, 0.1, 0.1), seed=SPLIT_SEED)
+    data = DATASETS[settings["dataset"]]
+    train, validation, test = datasets.split(data.load(), (0.8, 0.1, 0.1), seed=SPLIT_SEED)
     epochs, levels, steps = settings["epochs"], settings["levels"], settings["steps"]
     start = time.perf_counter()
     if row == PEER:
         torch.manual_seed(seed)
-        model = build_normflows(levels, steps, hidden_channels)
+        model = build_normflows(data, levels, steps, hidden_channels)
         history = train_peer(model, train, validation, epochs, seed).history
         bits = peer_bits_per_dim(model, test)
     else:
-        model = fit_images(train, levels, steps, CONVS[row], num_bits=NUM_BITS, epochs=epochs,
+        model = fit_images(train, levels, steps, CONVS[row], num_bits=data.num_bits, epochs=epochs,
                            validation_data=validation, seed=seed, progress=False, hidden_channels=hidden_channels)
         history = model.history
         bits = bits_per_dim(model, test)
@@ -289,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--levels", type=int, default=2, help="1, 2 or 3 on 8 x 8 images (default: 2)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits", help="(default: digits)")
+    parser.add_argument("--levels", type=int, default=2, help="1, 2 or 3 on 8 x 8 images, 1 or 2 on 28 x 28 "
+                        "(default: 2)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--hidden-channels", type=int, default=32, help="the lu row's; the others match its size")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once, one process each")
@@ -299,16 +325,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.steps, args.hidden_channels = 2, 1, 8
-    settings = {"epochs": args.epochs, "levels": args.levels, "steps": args.steps, "lu_hidden": args.hidden_channels}
+    settings = {"dataset": args.dataset, "epochs": args.epochs, "levels": args.levels, "steps": args.steps,
+                "lu_hidden": args.hidden_channels}
+    data = DATASETS[args.dataset]
     print(library_versions({"pyro": "pyro-ppl", "normflows": "normflows"}))
-    print(f"digits as 1 x 8 x 8 images, 17 values; glow {args.levels} levels x {args.steps} steps; "
+    print(f"{data.description}; glow {args.levels} levels x {args.steps} steps; "
           f"{args.epochs} epochs; seeds {args.seeds}")
 
-    target = count_parameters(build_ours("lu", args.levels, args.steps, args.hidden_channels))
+    target = count_parameters(build_ours(data, "lu", args.levels, args.steps, args.hidden_channels))
     widths = {}
     for row in args.rows:
         try:
-            widths[row] = args.hidden_channels if row == "lu" else matched_width(row, args.levels, args.steps, target)
+            widths[row] = (args.hidden_channels if row == "lu"
+                           else matched_width(data, row, args.levels, args.steps, target))
         except Unavailable as error:
             print(f"{row}: skipped ({error})")
     results = _saved(args.out, settings)
