@@ -12,12 +12,15 @@ freed by ``backward()`` (or was built under ``no_grad``).
 :class:`FlowTransform` caches for the one purpose that matters, scoring a
 transform's own samples: after ``y = t(x)``, ``t.inv(y)`` returns ``x`` itself
 (and after ``x = t.inv(y)``, ``t(x)`` returns ``y``), which also makes that
-round trip exact for inverses that are only numerical. A call in the same
-direction as the cached one is recomputed, so every returned tensor is either
-fresh or the caller's own input. The cache is keyed on the identity of the
-tensor *and* on the in-place version counter of every parameter, so an update
-(an optimiser step, ``load_state_dict``, a data-dependent initialisation)
-invalidates it.
+round trip exact for inverses that are only numerical. It keeps the latest
+pairs, not only the last (:class:`~pyro_nflows.transforms.cache.PairCache`),
+so a transform reused before its samples are scored (a deep Markov model's
+guide) inverts none of them; each pair is forgotten with its output. A call
+in the same direction as a cached one is recomputed, so every returned
+tensor is either fresh or the caller's own input. The cache is keyed on the
+identity of the tensor *and* on the in-place version counter of every
+parameter, so an update (an optimiser step, ``load_state_dict``, a
+data-dependent initialisation) invalidates it.
 
 A transform returned by a conditional flow's ``condition(context)`` keeps no
 tensor the context network computed: like Pyro's, it recomputes them when
@@ -46,6 +49,7 @@ from torch.distributions.transforms import Transform
 
 from pyro_nflows.nn.dense import ContextNet
 from pyro_nflows.nn.widths import default_hidden_dims
+from pyro_nflows.transforms.cache import PairCache
 from pyro_nflows.validation import check_count, check_event, check_input_dim
 
 __all__ = [
@@ -189,14 +193,15 @@ class FlowTransform(Transform):
     bijective = True
     _call_and_log_det = None
     _inverse_and_log_det = None
+    #: The most ``(x, y)`` pairs the cache keeps (:class:`~pyro_nflows.transforms.cache.PairCache`);
+    #: set it on a transform (or a subclass) to change it.
+    max_cached_pairs = 128
 
     def __init__(self, *args, cache_size: int = 1, **kwargs):
         # Extra arguments go on along the MRO (see PermuteModule, which mixes
         # this class into Pyro's Permute).
         super().__init__(*args, cache_size=cache_size, **kwargs)
-        self._cached_versions = None
-        self._cached_forward = None
-        self._handoff = None
+        self.__dict__["_pairs"] = PairCache()
 
     def _parameter_versions(self) -> tuple:
         """What the transform's outputs depend on besides its input: the
@@ -247,38 +252,33 @@ class FlowTransform(Transform):
         """``ValueError`` unless ``x`` is a tensor of vectors of size ``input_dim``."""
         check_event(x, self.input_dim, type(self).__name__, what)
 
+    def cached_input(self, value: torch.Tensor, forward: bool) -> torch.Tensor | None:
+        """What the cache answers for ``value``: the input of a kept call in the other
+        direction that returned ``value`` (``forward=False``: the ``x`` of a ``value = t(x)``),
+        or ``None`` (then the call computes)."""
+        if not self._cache_size:
+            return None
+        return self.__dict__["_pairs"].input_of(value, forward, self._parameter_versions())
+
     def _cached(self, value: torch.Tensor, forward: bool) -> torch.Tensor:
-        versions = self._parameter_versions()
-        if self._cache_size and versions == self._cached_versions and self._cached_forward is not forward:
-            x_old, y_old = self._cached_x_y
-            if forward and value is x_old:
-                return y_old
-            if not forward and value is y_old:
-                return x_old
+        versions, pairs = self._parameter_versions(), self.__dict__["_pairs"]
+        if self._cache_size:
+            hit = pairs.input_of(value, forward, versions)
+            if hit is not None:
+                return hit
         joint = self._call_and_log_det if forward else self._inverse_and_log_det
         if joint is None:
             result, log_det = (self._call if forward else self._inverse)(value), None
         else:
             result, log_det = joint(value)
-        pair = (value, result) if forward else (result, value)
-        # Plain attributes, set through __dict__: a module's __setattr__ (which
-        # looks for parameters and submodules first) is slow at this rate.
-        state = self.__dict__
-        state["_handoff"] = None if log_det is None else (*pair, log_det, versions)
-        if self._cache_size:
-            state.update(_cached_x_y=pair, _cached_forward=forward, _cached_versions=versions)
+        # Without a cache the last call is still kept, for its log-determinant's hand-over.
+        pairs.add(value, result, forward, log_det, versions, self.max_cached_pairs if self._cache_size else 1)
         return result
 
     def _take_log_det(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """The log-determinant computed by the call that produced ``(x, y)``, if
-        that was the last call and no parameter has changed since; once."""
-        if self._handoff is None:
-            return None
-        x_old, y_old, log_det, versions = self._handoff
-        if x is x_old and y is y_old and versions == self._parameter_versions():
-            self.__dict__["_handoff"] = None
-            return log_det
-        return None
+        """The log-determinant computed by a kept call that produced ``(x, y)``
+        (the same tensors), if no parameter has changed since; once."""
+        return self.__dict__["_pairs"].take_log_det(x, y, self._parameter_versions())
 
     # A transform that defines _call_and_log_det (or _inverse_and_log_det)
     # gets the plain direction and log_abs_det_jacobian from it; others
@@ -322,21 +322,17 @@ class FlowTransform(Transform):
         if cache_size not in (0, 1):
             raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
         self._cache_size = cache_size
-        self._cached_x_y = None, None
-        self._cached_versions = None
-        self._cached_forward = None
-        self._handoff = None
+        self.__dict__["_pairs"].clear()
         return self
 
     def __getstate__(self):
         # Copies and pickles start with an empty cache: the cached tensors are
-        # part of an autograd graph (which deepcopy refuses) and of no use there.
+        # part of an autograd graph (which deepcopy refuses) and of no use there,
+        # and weak references cannot be copied.
         state = super().__getstate__()
         if self._cache_size:
             state["_cached_x_y"] = None, None
-        state["_cached_versions"] = None
-        state["_cached_forward"] = None
-        state["_handoff"] = None
+        state["_pairs"] = PairCache()
         return state
 
     def extra_repr(self) -> str:
