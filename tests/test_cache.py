@@ -96,6 +96,16 @@ def test_the_cache_is_bounded(flow):
     assert all(flow.inv(value) is given for value, given in zip(y[3:], x[3:]))
 
 
+def test_the_inputs_kept_are_bounded_in_size_but_the_newest_pair_is_always_kept(flow):
+    flow.max_cached_elements = 25
+    x = [torch.randn(4, DIM, dtype=torch.float64) for _ in range(3)]  # 12 numbers each
+    y = [flow(value) for value in x]
+    assert len(flow.__dict__["_pairs"]) == 2 and flow.cached_input(y[0], forward=False) is None
+    assert flow.inv(y[1]) is x[1] and flow.inv(y[2]) is x[2]
+    big = torch.randn(10, DIM, dtype=torch.float64)  # 30 numbers, over the bound alone
+    assert flow.inv(flow(big)) is big and len(flow.__dict__["_pairs"]) == 1
+
+
 def test_a_parameter_update_empties_the_cache(flow):
     x = [torch.randn(2, DIM, dtype=torch.float64) for _ in range(3)]
     y = [flow(value) for value in x]

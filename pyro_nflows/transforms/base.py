@@ -193,9 +193,11 @@ class FlowTransform(Transform):
     bijective = True
     _call_and_log_det = None
     _inverse_and_log_det = None
-    #: The most ``(x, y)`` pairs the cache keeps (:class:`~pyro_nflows.transforms.cache.PairCache`);
-    #: set it on a transform (or a subclass) to change it.
+    #: The most ``(x, y)`` pairs the cache keeps, and the most numbers their inputs may hold
+    #: in all (:class:`~pyro_nflows.transforms.cache.PairCache`); set them on a transform (or
+    #: a subclass) to change them.
     max_cached_pairs = 128
+    max_cached_elements = 2**22
 
     def __init__(self, *args, cache_size: int = 1, **kwargs):
         # Extra arguments go on along the MRO (see PermuteModule, which mixes
@@ -272,7 +274,8 @@ class FlowTransform(Transform):
         else:
             result, log_det = joint(value)
         # Without a cache the last call is still kept, for its log-determinant's hand-over.
-        pairs.add(value, result, forward, log_det, versions, self.max_cached_pairs if self._cache_size else 1)
+        bound = self.max_cached_pairs if self._cache_size else 1
+        pairs.add(value, result, forward, log_det, versions, bound, self.max_cached_elements)
         return result
 
     def _take_log_det(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:

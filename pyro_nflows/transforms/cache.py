@@ -5,14 +5,18 @@ transform several times before its samples are scored, as the deep Markov
 model's guide does (the same IAFs on every :math:`q(z_t \mid \dots)`, the
 ELBO scoring :math:`z_1, \dots, z_T` after the guide has run), then inverts
 every sample but the last. :class:`PairCache` remembers the latest pairs
-(``FlowTransform.max_cached_pairs`` of them) instead, so each sample's
-inverse is its own input:
+instead, so each sample's inverse is its own input:
 
 - keyed on the identity of the tensor a call *returned* (``id``), checked
   against a weak reference to it, so that a pair is forgotten as soon as that
   tensor is, and the cache never keeps a returned tensor (nor its graph) alive;
-  it keeps the call's input until then (or until newer pairs push it out),
-  which the returned tensor's graph usually holds anyway;
+  it keeps the call's input until then, which the returned tensor's graph
+  usually holds anyway;
+- bounded twice: at most ``FlowTransform.max_cached_pairs`` pairs, and inputs
+  of at most ``FlowTransform.max_cached_elements`` numbers in all, the oldest
+  pairs going first (the newest is always kept, as torch's one-pair cache
+  keeps it), so that a user who keeps many large batches of samples does not
+  also keep every layer's inputs;
 - valid for one state of the parameters only: every lookup passes the
   parameters' version counters, and a change empties the cache, so a value
   computed before an optimiser step is never returned after it;
@@ -52,19 +56,25 @@ class PairCache:
     def __init__(self):
         self._pairs: OrderedDict[int, _Pair] = OrderedDict()
         self._versions: tuple | None = None
+        self._elements = 0  # the numbers held in the kept inputs
 
     def __len__(self) -> int:
         return len(self._pairs)
 
     def clear(self) -> None:
         self._pairs.clear()
-        self._versions = None
+        self._versions, self._elements = None, 0
 
     def _current(self, versions: tuple) -> OrderedDict[int, _Pair]:
         if versions != self._versions:
-            self._pairs.clear()
+            self.clear()
             self._versions = versions
         return self._pairs
+
+    def _drop(self, key: int | None = None) -> None:
+        """Forget the pair ``key`` (default: the oldest)."""
+        pair = self._pairs.pop(key) if key is not None else self._pairs.popitem(last=False)[1]
+        self._elements -= pair.given.numel()
 
     def _find(self, returned: torch.Tensor, versions: tuple) -> _Pair | None:
         pair = self._current(versions).get(id(returned))
@@ -84,13 +94,17 @@ class PairCache:
         log_det: torch.Tensor | None,
         versions: tuple,
         max_pairs: int,
+        max_elements: int,
     ) -> None:
-        """Keep a call's pair, dropping the oldest beyond ``max_pairs``."""
+        """Keep a call's pair, dropping the oldest beyond ``max_pairs`` pairs or
+        ``max_elements`` numbers of input (never the new pair)."""
         pairs, key = self._current(versions), id(returned)
-        pairs.pop(key, None)
+        if key in pairs:
+            self._drop(key)
         pairs[key] = _Pair(weakref.ref(returned, self._forget(key)), given, forward, log_det)
-        while len(pairs) > max_pairs:
-            pairs.popitem(last=False)
+        self._elements += given.numel()
+        while len(pairs) > 1 and (len(pairs) > max_pairs or self._elements > max_elements):
+            self._drop()
 
     def _forget(self, key: int):
         cache = weakref.ref(self)  # the callback must not keep the cache alive
@@ -99,7 +113,7 @@ class PairCache:
             kept = cache()
             pair = None if kept is None else kept._pairs.get(key)
             if pair is not None and pair.returned is reference:
-                del kept._pairs[key]
+                kept._drop(key)
 
         return forget
 
