@@ -245,6 +245,23 @@ def test_periodic_log_det_counts_every_frequency(height, width):
     assert torch.allclose(layer.log_abs_det_jacobian(x, x), torch.linalg.slogdet(matrix).logabsdet, atol=1e-10)
 
 
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("height, width", [(4, 4), (3, 5)])
+def test_periodic_inverse_and_its_log_det_agree_with_and_without_gradients(height, width):
+    """The inverse factors each frequency once without gradients, and solves with them."""
+    layer = _moved(periodic_conv(2))
+    matrix = _dense(layer._call, (2, height, width))
+    y = torch.randn(3, 2, height, width)
+    with torch.no_grad():
+        x_plain, log_det_plain = layer._inverse_and_log_det(y)
+    x_grad, log_det_grad = layer._inverse_and_log_det(y)
+    assert x_grad.requires_grad and not x_plain.requires_grad
+    expected = torch.linalg.solve(matrix, y.reshape(3, -1).T).T.reshape(y.shape)
+    for x, log_det in [(x_plain, log_det_plain), (x_grad, log_det_grad)]:
+        assert torch.allclose(x, expected, atol=1e-10)
+        assert torch.allclose(log_det, torch.linalg.slogdet(matrix).logabsdet.expand(3), atol=1e-10)
+
+
 # ---------------------------------------------------------------------------
 # Squeeze, actnorm, couplings
 # ---------------------------------------------------------------------------

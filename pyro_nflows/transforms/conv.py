@@ -407,13 +407,19 @@ class PeriodicConv(ImageTransform, TransformModule):
         return F.conv2d(F.pad(flat, (radius,) * 4, mode="circular"), self.weight).reshape(x.shape)
 
     def _inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One LU per frequency serves both: the solve for the batch's columns (cheaper than
-        # forming the inverses) and the log-determinants, the logs of the factors' diagonals.
+        # One spectrum serves the solve for the batch's columns (cheaper than forming the
+        # inverses) and the log-determinants. Without gradients one LU per frequency serves
+        # both too; with them, solve and slogdet, whose backward passes are faster than
+        # lu_factor's (benchmarks/README.md#image-speed).
         flat, _ = flatten_batch(y)
-        factors, pivots = torch.linalg.lu_factor(self.spectrum(*y.shape[-2:]))
-        x = self._to_images(torch.linalg.lu_solve(factors, pivots, self._to_frequencies(flat)), y.shape)
-        log_dets = factors.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)  # (H, W // 2 + 1)
-        return x, self._total_log_det(log_dets, y)
+        spectrum, columns = self.spectrum(*y.shape[-2:]), self._to_frequencies(flat)
+        if torch.is_grad_enabled() and (spectrum.requires_grad or columns.requires_grad):
+            solution, log_dets = torch.linalg.solve(spectrum, columns), torch.linalg.slogdet(spectrum).logabsdet
+        else:
+            factors, pivots = torch.linalg.lu_factor(spectrum)
+            solution = torch.linalg.lu_solve(factors, pivots, columns)
+            log_dets = factors.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)  # (H, W // 2 + 1)
+        return self._to_images(solution, y.shape), self._total_log_det(log_dets, y)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         handed_over = self._take_log_det(x, y)  # the inverse that made x computed it
