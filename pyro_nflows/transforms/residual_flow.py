@@ -298,6 +298,8 @@ class ConditionedResidual(FlowTransform):
             aligned = (rows,) if shift_rows is None else (rows, shift_rows)
             x_star, self.last_inverse_iterations = self._solve(step, rows, 1 + rows.norm(dim=-1), who, aligned)
         x_star = x_star.reshape(y.shape)
+        if not torch.is_grad_enabled():  # the solve met the tolerance: nothing to differentiate
+            return x_star
         x = y - g(x_star, shift)  # one more step, with autograd on
         if x.requires_grad:
             x.register_hook(self._implicit_gradient(g.detach(), x_star, shift_rows, who))
