@@ -36,7 +36,8 @@ rounding, and for the power iteration's lag in training mode, where the weights'
 estimates). A point that has not stopped within the budget raises
 :class:`~pyro_nflows.transforms.roots.InverseNotConverged` with the residual reached;
 non-finite input raises ``ValueError``: never a silent answer. Cost: :math:`k` passes of
-:math:`g` (converged points drop out of the batch), then one more.
+:math:`g` (converged points drop out of the batch once they are a quarter of those still
+iterated), then, with autograd on, one more (below).
 
 **Gradients through the inverse** (``log_prob`` of data). The iteration runs without
 autograd; the result is one more step :math:`x = y - g(x^*)` with autograd on. Its
