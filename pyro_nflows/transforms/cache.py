@@ -47,6 +47,7 @@ class _Pair:
     given: torch.Tensor  # the call's input
     forward: bool  # the call's direction
     log_det: torch.Tensor | None  # log|det dy/dx| at the pair, until taken
+    elements: int  # given.numel(), counted once: the weak reference's callback touches no tensor
 
 
 class PairCache:
@@ -74,7 +75,7 @@ class PairCache:
     def _drop(self, key: int | None = None) -> None:
         """Forget the pair ``key`` (default: the oldest)."""
         pair = self._pairs.pop(key) if key is not None else self._pairs.popitem(last=False)[1]
-        self._elements -= pair.given.numel()
+        self._elements -= pair.elements
 
     def _find(self, returned: torch.Tensor, versions: tuple) -> _Pair | None:
         pair = self._current(versions).get(id(returned))
@@ -101,13 +102,15 @@ class PairCache:
         pairs, key = self._current(versions), id(returned)
         if key in pairs:
             self._drop(key)
-        pairs[key] = _Pair(weakref.ref(returned, self._forget(key)), given, forward, log_det)
-        self._elements += given.numel()
+        pairs[key] = pair = _Pair(weakref.ref(returned, self._forget(key)), given, forward, log_det, given.numel())
+        self._elements += pair.elements
         while len(pairs) > 1 and (len(pairs) > max_pairs or self._elements > max_elements):
             self._drop()
 
     def _forget(self, key: int):
-        cache = weakref.ref(self)  # the callback must not keep the cache alive
+        # The callback must not keep the cache alive, nor call into a tensor: it can run while
+        # torch.jit.trace tears down its graph, where a tensor method is recorded (and crashed).
+        cache = weakref.ref(self)
 
         def forget(reference: weakref.ref) -> None:
             kept = cache()
