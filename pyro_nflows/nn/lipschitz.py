@@ -52,7 +52,7 @@ ReLU's, its derivative is smooth (the log-determinant's gradient differentiates 
 near the bound.
 
 :math:`\beta` is kept at least ``1e-3`` (``BETA_FLOOR``; there :math:`\phi` is already
-linear to one part in :math:`10^5` on :math:`|z| < 10`), so that it can be folded into the
+within half a percent of the linear :math:`z / 2.2` on :math:`|z| < 10`), so that it can be folded into the
 weights: with :math:`D_k = \operatorname{diag}(\beta_k)`,
 :math:`\phi(z) = \operatorname{silu}(D_k z) D_k^{-1} / 1.1`, so the layer
 :math:`D_k \hat W_k h + D_k b_k` feeds one fused ``silu`` whose :math:`D_k^{-1} / 1.1` is
