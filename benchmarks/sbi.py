@@ -79,7 +79,6 @@ The table is a report, not a test: the exit status is 0 unless a run errors.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -102,7 +101,7 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import library_versions  # noqa: E402
+from benchmarks.common import FinishedRows, library_versions  # noqa: E402
 from benchmarks.density import _table  # noqa: E402
 from pyro_nflows.amortized import fit_posterior, simulate  # noqa: E402
 
@@ -388,27 +387,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{args.observations} observations per task, {args.num_samples} samples for C2ST, seeds "
           f"{' '.join(map(str, args.seeds))}  {args.threads} thread(s)  load {load:.2f} on {os.cpu_count()} cores  "
           f"{platform.python_implementation()} {platform.python_version()}\n", flush=True)
-    done = {}
-    if args.out and os.path.exists(args.out):
-        with open(args.out) as handle:
-            for entry in (json.loads(line) for line in handle if line.strip()):
-                if entry["settings"] == settings:
-                    row = entry["row"]
-                    done[(row["task"], row["budget"], row["seed"], row["method"])] = row
+    done = FinishedRows(args.out, settings, key=lambda r: (r["task"], r["budget"], r["seed"], r["method"]))
     start = time.perf_counter()
     keys = [(t, b, s, m) for t in args.tasks for b in args.budgets for s in args.seeds for m in args.methods]
     for key in keys:
         if key in done or args.report:
             continue
         print(f"  {key[0]} {key[1]} simulations seed {key[2]} {key[3]} ...", file=sys.stderr, flush=True)
-        done[key] = run_row(*key, args)
-        row = done[key]
+        row = run_row(*key, args)
+        done.add(row)
         print(f"    {row.get('error') or ('C2ST ' + ' '.join(f'{v:.3f}' for v in row['c2st']))} "
               f"({row.get('seconds', 0):.0f} s)", file=sys.stderr, flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps({"settings": settings, "row": row}) + "\n")
-    rows = [done[key] for key in keys if key in done]
+    rows = [done.get(key) for key in keys if key in done]
     print(table(rows))
     print("\nC2ST: mean over the observations (± its standard error) of the 5-fold accuracy of a classifier telling "
           "posterior from reference samples; 0.5 is perfect. ours-sbi: paired difference (< 0: ours is better); "
