@@ -252,6 +252,10 @@ def reference_samples(task: str, index: int, x: torch.Tensor, args) -> torch.Ten
 # ---------------------------------------------------------------------------
 
 
+# Names the C2ST in --out's settings: rows scored by another classifier are not reused.
+C2ST_NAME = "sbi.utils.metrics.c2st(classifier='mlp')"
+
+
 def c2st(samples: torch.Tensor, reference: torch.Tensor, seed: int = 1) -> float:
     """sbi's classifier two-sample test (``sbi.utils.metrics.c2st`` with its MLP, z-scored
     by the reference, 5 folds): the cross-validated accuracy; 0.5 is perfect."""
@@ -381,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.observations = args.observations or (2 if args.quick else 5)
     args.num_samples = args.num_samples or (2000 if args.quick else 10_000)
     settings = {"observations": args.observations, "num_samples": args.num_samples,
-                "warmup_steps": args.warmup_steps, "prior_draws": args.prior_draws}
+                "warmup_steps": args.warmup_steps, "prior_draws": args.prior_draws, "c2st": C2ST_NAME}
     print(f"pyro_nflows NPE vs sbi NPE ({library_versions({'sbi': 'sbi', 'pyro': 'pyro-ppl'})})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.observations} observations per task, {args.num_samples} samples for C2ST, seeds "
