@@ -49,7 +49,7 @@ from torch.distributions.transforms import Transform
 
 from pyro_nflows.nn.dense import ContextNet
 from pyro_nflows.nn.widths import default_hidden_dims
-from pyro_nflows.transforms.cache import PairCache
+from pyro_nflows.transforms.cache import PairCache, compiling
 from pyro_nflows.validation import check_count, check_event, check_input_dim
 
 __all__ = [
@@ -258,11 +258,13 @@ class FlowTransform(Transform):
         """What the cache answers for ``value``: the input of a kept call in the other
         direction that returned ``value`` (``forward=False``: the ``x`` of a ``value = t(x)``),
         or ``None`` (then the call computes)."""
-        if not self._cache_size:
+        if not self._cache_size or compiling():
             return None
         return self.__dict__["_pairs"].input_of(value, forward, self._parameter_versions())
 
     def _cached(self, value: torch.Tensor, forward: bool) -> torch.Tensor:
+        if compiling():  # no cache in a traced graph (see pyro_nflows.transforms.cache)
+            return (self._call if forward else self._inverse)(value)
         versions, pairs = self._parameter_versions(), self.__dict__["_pairs"]
         if self._cache_size:
             hit = pairs.input_of(value, forward, versions)
@@ -281,6 +283,8 @@ class FlowTransform(Transform):
     def _take_log_det(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The log-determinant computed by a kept call that produced ``(x, y)``
         (the same tensors), if no parameter has changed since; once."""
+        if compiling():
+            return None
         return self.__dict__["_pairs"].take_log_det(x, y, self._parameter_versions())
 
     # A transform that defines _call_and_log_det (or _inverse_and_log_det)

@@ -28,6 +28,13 @@ instead, so each sample's inverse is its own input:
   value whose graph a ``backward`` freed is never handed out twice).
 
 Cost: a dictionary lookup and a weak reference per call.
+
+**Under** :func:`torch.compile` the cache is off (:func:`compiling`): a traced
+call sees neither the identity of the tensors it will run on nor their version
+counters, so each call computes, and its log-determinant is computed again
+where it is asked for. A compiled function that samples and then scores its
+own sample therefore runs the inverse; compile the two apart (or score by the
+log-determinant of the forward pass) where the inverse is sequential.
 """
 
 from __future__ import annotations
@@ -38,7 +45,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PairCache"]
+__all__ = ["PairCache", "compiling"]
+
+
+try:
+    _is_compiling = torch.compiler.is_compiling
+except AttributeError:  # pragma: no cover - torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
+
+def compiling() -> bool:
+    """Whether the caller is being traced by :func:`torch.compile` (torch's
+    ``torch.compiler.is_compiling``; ``torch._dynamo.is_compiling`` before torch 2.3)."""
+    return _is_compiling()
 
 
 @dataclass

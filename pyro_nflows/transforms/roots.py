@@ -30,6 +30,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 1e-6
 
 
+@torch.compiler.disable  # a data-dependent loop: torch.compile runs it as it is, between graphs
 def monotone_root(
     function: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     lower: torch.Tensor,
