@@ -29,7 +29,9 @@ ours, each against its counterpart (``Guide.rival``): ``AutoIAF`` against
 ``AutoIAFNormal``; ``AutoHouseholder`` and ``AutoConvexTriangular``
 (full-covariance Gaussians) against ``AutoMultivariateNormal``;
 ``AutoPlanar``, ``AutoSylvester`` and ``AutoFlow("spline_autoregressive:2")``
-against ``AutoNormalizingFlow`` with the same flow of Pyro's. Pyro's
+against ``AutoNormalizingFlow`` with the same flow of Pyro's; and
+``AutoPlanar(scale after)`` and ``AutoSylvester(scale after)``, the two with
+``scale_position="after"`` (benchmarks/README.md#guide-scale-position). Pyro's
 Sylvester log-determinant is not exact once its parameters move
 (benchmarks/README.md#pyro-sylvester-log-det), so that row's ELBO is its
 own estimate, not a KL.
@@ -160,6 +162,9 @@ GUIDES = [
     Guide("AutoPlanar", AutoPlanar, True, PYRO_PLANAR),
     Guide("AutoSylvester", AutoSylvester, True, PYRO_SYLVESTER),
     Guide("AutoFlow(spline_autoregressive:2)", lambda m: AutoFlow(m, "spline_autoregressive:2"), True, PYRO_SPLINE),
+    # The scale after the flow (benchmarks/README.md#guide-scale-position): not yet a default.
+    Guide("AutoPlanar(scale after)", lambda m: AutoPlanar(m, scale_position="after"), True, PYRO_PLANAR),
+    Guide("AutoSylvester(scale after)", lambda m: AutoSylvester(m, scale_position="after"), True, PYRO_SYLVESTER),
 ]
 
 

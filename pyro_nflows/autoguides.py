@@ -28,6 +28,22 @@ rotation of the initial point.) The family of distributions is the same
 either way: a shift of :math:`F`'s input is absorbed by its parameters, and a
 shift of its output by :math:`\mu`.
 
+**Where the scale goes** (``scale_position``). By default :math:`\sigma` acts
+before the flow, as above: the only order in which an affine flow is more
+than a diagonal Gaussian (a rotation of :math:`N(0, I)` is :math:`N(0, I)`,
+so a Householder flow after the scale would do nothing). With
+``scale_position="after"``,
+
+.. math:: z = \mu + \sigma \odot F(\epsilon),
+
+the flow always sees a standard normal, whatever the scales of the latents,
+and its changes are relative to each coordinate's scale. For planar and
+Sylvester flows, whose layers are constrained in the coordinates they act in
+(:math:`w^\top \hat u > -1`, an orthonormal :math:`Q`), the two orders are
+different families; on Neal's funnel the planar and Sylvester guides do
+better with the scale after the flow (measured:
+benchmarks/README.md#guide-scale-position), which is not yet their default.
+
 Compared with Pyro's ``AutoNormalizingFlow`` / ``AutoIAFNormal``, the base is
 learnable (not a fixed standard normal), ``init_loc_fn`` is honoured,
 :meth:`~AutoFlow.median` and :meth:`~AutoFlow.quantiles` exist (closed form
@@ -139,6 +155,8 @@ FlowArg = Union[str, Sequence[Transform], FlowFactory]
 # Transforms that are affine maps y = A x + b with no data-dependent state:
 # a Gaussian stays Gaussian through them, so median/quantiles have a closed form.
 _AFFINE_TYPES = (Householder, TriangularLinear, ConvexTriangularLinear, LULinear, QRLinear, ElementwiseAffine, Permute)
+# Where the diagonal scale acts, relative to the flow (AutoFlow's scale_position).
+SCALE_POSITIONS = ("before", "after")
 
 
 def _is_affine(transform: Transform) -> bool:
@@ -246,6 +264,9 @@ class AutoFlow(AutoContinuous):
     :param init_loc_fn: Pyro's per-site initialisation (default
         :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param init_scale: initial :math:`\sigma` (a positive number).
+    :param scale_position: ``"before"`` the flow (default),
+        :math:`z = \mu + F(\sigma \odot \epsilon)`, or ``"after"`` it,
+        :math:`z = \mu + \sigma \odot F(\epsilon)` (see the module docstring).
 
     :meth:`get_posterior` returns the posterior over :math:`z` as a
     :class:`~pyro.distributions.TransformedDistribution`;
@@ -276,8 +297,11 @@ class AutoFlow(AutoContinuous):
         *,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        scale_position: str = "before",
     ):
         init_scale = check_positive("init_scale", init_scale)
+        if scale_position not in SCALE_POSITIONS:
+            raise ValueError(f"scale_position must be one of {SCALE_POSITIONS}, got {scale_position!r}")
         transforms = None
         if isinstance(flow, str):
             parse_spec(flow)  # a bad spec fails now, with the registry's message
@@ -290,6 +314,7 @@ class AutoFlow(AutoContinuous):
             )
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._init_scale = init_scale
+        self.scale_position = scale_position
         self._flow = None if transforms is not None else flow
         self._set_flows(transforms or [])
 
@@ -399,19 +424,19 @@ class AutoFlow(AutoContinuous):
 
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
         r"""The posterior over the unconstrained latent vector :math:`z`:
-        ``TransformedDistribution(get_base_dist(), [scale by sigma, *flows, shift by loc])``,
+        ``TransformedDistribution(get_base_dist(), [scale by sigma, *flows, shift by loc])``
+        (``[*flows, scale, shift]`` with ``scale_position="after"``),
         the map :meth:`get_transform` gives (the one NeuTra uses). When every
         transform of the flow is affine the posterior is Gaussian, and its
         ``mean``, ``variance`` and ``covariance_matrix`` are given in closed form."""
         # cache_size=1: scoring the guide's own sample hands each transform back
         # its own output, so no flow ever runs its (possibly sequential or
         # numerical) inverse during training.
-        scale = AffineTransform(0.0, self.scale, event_dim=1, cache_size=1)
-        shift = AffineTransform(self.loc, 1.0, event_dim=1, cache_size=1)
         stack = self._flow_stack()
+        transforms = self._around(stack, cache_size=1)
         if not all(_is_affine(t) for t in stack):
-            return dist.TransformedDistribution(self.get_base_dist(), [scale, *stack, shift])
-        posterior = _GaussianPosterior(self.get_base_dist(), [scale, *stack, shift])
+            return dist.TransformedDistribution(self.get_base_dist(), transforms)
+        posterior = _GaussianPosterior(self.get_base_dist(), transforms)
         posterior.moments = self._moments
         return posterior
 
@@ -427,11 +452,19 @@ class AutoFlow(AutoContinuous):
         return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
 
     def get_transform(self, *args, **kwargs) -> Transform:
-        r""":math:`\epsilon \mapsto \mu + F(\sigma \odot \epsilon)`: the posterior is
+        r""":math:`\epsilon \mapsto \mu + F(\sigma \odot \epsilon)` (or
+        :math:`\mu + \sigma \odot F(\epsilon)`, see ``scale_position``): the posterior is
         ``TransformedDistribution(get_base_dist(), get_transform())``."""
-        scale = AffineTransform(0.0, self.scale, event_dim=1)
-        shift = AffineTransform(self.loc, 1.0, event_dim=1)
-        return ComposeTransform([scale, *self._flow_stack(), shift])
+        return ComposeTransform(self._around(self._flow_stack()))
+
+    def _around(self, stack: list[Transform], cache_size: int = 0) -> list[Transform]:
+        r"""The flow ``stack`` with the scale by :math:`\sigma` and the shift by :math:`\mu`
+        in their places."""
+        scale = AffineTransform(0.0, self.scale, event_dim=1, cache_size=cache_size)
+        shift = AffineTransform(self.loc, 1.0, event_dim=1, cache_size=cache_size)
+        if self.scale_position == "after":
+            return [*stack, scale, shift]
+        return [scale, *stack, shift]
 
     # -- summaries ----------------------------------------------------------
 
@@ -452,13 +485,18 @@ class AutoFlow(AutoContinuous):
         :math:`z` and a square root :math:`S` of its covariance,
         :math:`S^\top S = A \operatorname{diag}(\sigma^2) A^\top` (row :math:`i` of
         :math:`S` is :math:`\sigma_i A e_i`, from pushing :math:`0` and
-        :math:`\sigma_i e_i` through the flow)."""
+        :math:`\sigma_i e_i` through the flow). With the scale after the flow,
+        :math:`z = \mu + \sigma \odot (A \epsilon + b)`: the mean is
+        :math:`\mu + \sigma \odot b` and row :math:`i` of :math:`S` is :math:`\sigma \odot A e_i`."""
         loc, scale = (self.loc.detach(), self.scale.detach()) if detach else (self.loc, self.scale)
-        points = torch.cat([torch.zeros_like(loc)[None], torch.diag(scale)])
+        after = self.scale_position == "after"
+        points = torch.cat([torch.zeros_like(loc)[None], torch.eye(len(loc)).to(loc) if after else torch.diag(scale)])
         for transform in self._stack:
             points = transform(points)
-        offset = points[0]
-        return loc + offset, points[1:] - offset
+        offset, rows = points[0], points[1:] - points[0]
+        if after:
+            return loc + scale * offset, rows * scale
+        return loc + offset, rows
 
     def _check_ready(self, *args, **kwargs) -> None:
         if self.prototype_trace is None:
@@ -670,6 +708,7 @@ class AutoIAF(AutoFlow):
         stable: bool = False,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        scale_position: str = "before",
     ):
         check_count("num_transforms", num_transforms)
         if hidden_dims is not None:
@@ -677,7 +716,7 @@ class AutoIAF(AutoFlow):
         flow = functools.partial(
             _registry_flow, "iaf", num_transforms, {"hidden_dims": hidden_dims, "stable": check_bool("stable", stable)}
         )
-        super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
+        super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale, scale_position=scale_position)
         self.num_transforms = num_transforms
         self.hidden_dims = hidden_dims
         self.stable = stable
@@ -714,12 +753,13 @@ class AutoSylvester(AutoFlow):
         *,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        scale_position: str = "before",
     ):
         if kind not in SYLVESTER_KINDS:
             raise ValueError(f"unknown Sylvester kind {kind!r}; known kinds: {', '.join(map(repr, SYLVESTER_KINDS))}")
         check_count("num_transforms", num_transforms)
         flow = functools.partial(_registry_flow, "sylvester", num_transforms, {"kind": kind})
-        super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
+        super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale, scale_position=scale_position)
         self.kind = kind
         self.num_transforms = num_transforms
 
@@ -750,10 +790,11 @@ class AutoPlanar(AutoFlow):
         *,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        scale_position: str = "before",
     ):
         check_count("num_transforms", num_transforms)
         flow = functools.partial(_registry_flow, "planar", num_transforms, {})
-        super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale)
+        super().__init__(model, flow, init_loc_fn=init_loc_fn, init_scale=init_scale, scale_position=scale_position)
         self.num_transforms = num_transforms
 
 

@@ -293,6 +293,24 @@ def test_base_and_transform_give_the_posterior():
         assert torch.allclose(posterior.log_prob(z.clone()), neutra.log_prob(z.clone()), atol=1e-4)
 
 
+def test_the_scale_after_the_flow():
+    """scale_position="after": z = loc + scale * F(noise), the flow fed the standard normal,
+    and the posterior scores its own draws as the NeuTra map does."""
+    guide = AutoPlanar(mixed, num_transforms=2, scale_position="after")
+    train(mixed, guide, 5, DATA)
+    posterior = guide.get_posterior()
+    scale, shift = posterior.transforms[-2:]
+    assert torch.equal(scale.scale, guide.scale) and torch.equal(shift.loc, guide.loc)
+    noise = torch.randn(4, LATENT_DIM)
+    flowed = noise
+    for flow in guide.flows:
+        flowed = flow(flowed)
+    torch.testing.assert_close(guide.get_transform()(noise), guide.loc + guide.scale * flowed)
+    z = posterior.rsample((6,))
+    neutra = dist.TransformedDistribution(guide.get_base_dist(), [guide.get_transform()])
+    torch.testing.assert_close(posterior.log_prob(z), neutra.log_prob(z.detach().clone()), atol=1e-4, rtol=1e-4)
+
+
 def test_the_posterior_is_the_neutra_map_and_draws_what_get_transform_maps():
     """get_posterior() is TransformedDistribution(get_base_dist(), [scale, *flows, shift]),
     the map NeuTra uses: the same noise gives the same point, and .transform is that map."""
@@ -309,7 +327,14 @@ def test_the_posterior_is_the_neutra_map_and_draws_what_get_transform_maps():
     assert torch.allclose(z, expected) and torch.allclose(guide.transform(noise), expected)
 
 
-@pytest.mark.parametrize("make", [lambda m: AutoHouseholder(m, count_transforms=3), lambda m: AutoConvexTriangular(m)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: AutoHouseholder(m, count_transforms=3),
+        lambda m: AutoConvexTriangular(m),
+        lambda m: AutoFlow(m, "convex_triangular_linear+elementwise_affine", scale_position="after"),
+    ],
+)
 def test_affine_guides_give_the_gaussians_moments(make):
     guide = make(mixed)
     train(mixed, guide, 30, DATA, lr=0.05)
@@ -483,6 +508,7 @@ def test_eight_schools_against_nuts():
     [
         (lambda: AutoFlow(mixed, "householder", init_scale=0.0), ValueError, "init_scale"),
         (lambda: AutoFlow(mixed, "householder", init_scale=-1.0), ValueError, "init_scale"),
+        (lambda: AutoFlow(mixed, "householder", scale_position="first"), ValueError, "scale_position"),
         (lambda: AutoFlow(mixed, "no_such_flow:2"), ValueError, "unknown flow"),
         (lambda: AutoFlow(mixed, "householder:x"), ValueError, "N must be an integer"),
         (lambda: AutoFlow(mixed, 3), TypeError, "flow must be"),
