@@ -108,6 +108,8 @@ class ContextParameters:
         self._key = None
 
     def __call__(self) -> Any:
+        if compiling():  # no memo in a traced graph, as no cache (see pyro_nflows.transforms.cache)
+            return self.net(self.context)
         key = (parameter_versions(self.module), self.context._version, torch.is_grad_enabled())
         if self._value is None or key != self._key:
             value = self.net(self.context)
