@@ -32,6 +32,7 @@ data, and one epoch of shuffled batches (:class:`_Epochs`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -41,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -106,6 +106,21 @@ def check_data(data, name: str = "data", min_rows: int = 2) -> torch.Tensor:
                 "works in (their values differ by less than float32 resolves at their size); rescale or centre them"
             )
     return tensor
+
+
+@contextlib.contextmanager
+def _distribution_checks(on: bool):
+    """torch's distribution argument checks on (or off) inside the block, and the caller's
+    setting back after it. :meth:`DensityModel.log_prob` finds a point the flow sends to
+    infinity by the base distribution's check, whatever the process's default (the first
+    use of ``torch.compile`` switches the checks off for the whole process; Pyro's
+    ``validation_enabled`` restores Pyro's own setting, not torch's)."""
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(on)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
 
 
 def _where(mask: torch.Tensor) -> list:
@@ -282,14 +297,15 @@ class DensityModel(nn.Module):
                 f"DensityModel.log_prob got {what} in {int(bad.sum())} point(s) (first: {_where(bad)[:10]}); "
                 "a density is defined only at finite points: remove or impute them"
             )
-        distribution = self.distribution(context)
-        try:
-            return distribution.log_prob(points)
-        except ValueError as error:
-            if "Expected value argument" not in str(error):
-                raise
-        with pyro.validation_enabled(False), torch.no_grad():
-            lost = ~torch.isfinite(distribution.log_prob(points))
+        with _distribution_checks(True):
+            distribution = self.distribution(context)
+            try:
+                return distribution.log_prob(points)
+            except ValueError as error:
+                if "Expected value argument" not in str(error):
+                    raise
+            with _distribution_checks(False), torch.no_grad():
+                lost = ~torch.isfinite(self.distribution(context).log_prob(points))
         raise ValueError(
             f"DensityModel.log_prob: the flow sends {int(lost.sum())} point(s) (first: {_where(lost)[:10]}) to "
             f"infinity or NaN; they lie too far outside the data the model was fitted to (largest |x| "

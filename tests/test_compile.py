@@ -37,9 +37,14 @@ FAMILIES = {
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
+    """A fresh dynamo, with torch's distribution checks off as dynamo's first use leaves
+    them (for the whole process), and back as they were after the test."""
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
     dynamo.reset()
     yield
     dynamo.reset()
+    torch.distributions.Distribution.set_default_validate_args(validate)
 
 
 def _distribution(spec: str) -> dist.TransformedDistribution:

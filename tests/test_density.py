@@ -183,6 +183,21 @@ def test_log_prob_of_points_the_flow_sends_to_infinity_names_them_instead_of_pyr
         model.log_prob(torch.tensor([[0.0, 1.0], [3e38, 0.0]]))
 
 
+def test_points_sent_to_infinity_are_named_with_torchs_validation_off():
+    """torch.compile switches torch's distribution checks off for the whole process."""
+    model = DensityModel(2, num_layers=1)
+    with torch.no_grad():
+        model.scale.fill_(0.25)
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with pytest.raises(ValueError, match=r"the flow sends 1 point\(s\) \(first: \[1\]\) to infinity or NaN"):
+            model.log_prob(torch.tensor([[0.0, 1.0], [3e38, 0.0]]))
+        assert torch.distributions.Distribution._validate_args is False  # the caller's setting is left as it was
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
+
+
 def test_sample_refuses_an_absurd_n_before_drawing(monkeypatch):
     model = DensityModel(2, num_layers=1)
     with pytest.raises(ValueError, match=r"sample\(n=1000000000000\) would need about .* GiB .* draw fewer"):
